@@ -1,0 +1,1 @@
+"""How the model is parallelised: process groups, layout, tensor-parallel layers (and DeepSpeed, later)."""

@@ -1,0 +1,81 @@
+"""Process groups and the parallel layout.
+
+`init_parallel` starts torch.distributed from the launcher's environment (torchrun, deepspeed, SLURM
+via srun + torchrun) when there is more than one process, checks the layout against the world size,
+and builds megatron-core's groups (tensor parallel fastest, then data parallel).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from .config import ParallelConfig
+
+
+class LayoutError(ValueError):
+    """The requested parallel layout does not fit the world size or the model; the message says which."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Sizes and this process's coordinates in the dp × tp grid."""
+
+    world: int
+    rank: int
+    tp: int
+    dp: int
+    tp_rank: int
+    dp_rank: int
+
+
+def resolve_layout(cfg: ParallelConfig, world: int, rank: int = 0) -> Layout:
+    """Check that the sizes multiply to the world size and work out this rank's coordinates."""
+    if cfg.tp < 1 or world % cfg.tp:
+        raise LayoutError(f"parallel.tp={cfg.tp} does not divide the world size {world}: "
+                          f"launch a multiple of {cfg.tp} processes or change parallel.tp")
+    dp = world // cfg.tp
+    if cfg.dp and cfg.dp != dp:
+        raise LayoutError(f"parallel.dp={cfg.dp} × parallel.tp={cfg.tp} != world size {world}: "
+                          f"set parallel.dp={dp} or 0 (derived)")
+    # Megatron's order: tensor-parallel ranks are adjacent (fastest), data-parallel ranks stride by tp.
+    return Layout(world=world, rank=rank, tp=cfg.tp, dp=dp, tp_rank=rank % cfg.tp, dp_rank=rank // cfg.tp)
+
+
+def world_from_env() -> tuple[int, int]:
+    """(world size, rank) as set by the launcher; (1, 0) for a plain `python -m train`."""
+    return int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+
+
+def init_parallel(cfg: ParallelConfig, device: torch.device) -> Layout:
+    """Start torch.distributed if needed and build megatron-core's TP/DP groups; returns the layout."""
+    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else world_from_env()
+    layout = resolve_layout(cfg, world, rank)
+    if world == 1 and not dist.is_initialized():
+        return layout
+    if not dist.is_initialized():
+        backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend=backend)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=cfg.tp,
+                                                 create_gloo_process_groups=False)
+    return layout
+
+
+def data_parallel_group():
+    """The group of ranks that see different data (None when not distributed)."""
+    return parallel_state.get_data_parallel_group() if parallel_state.model_parallel_is_initialized() else None
+
+
+def tensor_parallel_group():
+    return parallel_state.get_tensor_model_parallel_group() if parallel_state.model_parallel_is_initialized() else None
+
+
+def destroy_parallel() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

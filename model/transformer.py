@@ -1,0 +1,133 @@
+"""The decoder language model as a flat list of stages.
+
+    tokens [B, T] -> Embed -> h [B, P+T, D] -> Block × L -> Head -> logits [B, T, V]
+
+Each stage takes and returns plain tensors, so the same modules can run in one process, as DeepSpeed
+pipeline `LayerSpec`s, or slice by slice under context parallelism (DESIGN.md §4). Meta tokens are
+prepended by `Embed` and removed by `Head`; in between they are ordinary positions that every query
+may attend to.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .factory import LayerFactory
+from .layers import Block, RMSNorm
+
+
+class LMOutput(NamedTuple):
+    """Model output; a tuple so `out[0]` is the logits. With TP > 1 the logits are this rank's vocab slice."""
+
+    logits: torch.Tensor
+    """`[B, T, V]` (padding rows of the vocabulary removed at TP = 1)."""
+    loss: torch.Tensor | None = None
+    """Mean next-token loss when targets were given."""
+
+
+class Embed(nn.Module):
+    """Token embedding plus the learned meta tokens: ids `[B, T]` -> h `[B, P + T, D]`."""
+
+    def __init__(self, cfg: ModelConfig, factory: LayerFactory):
+        super().__init__()
+        self.tokens = factory.embedding(cfg.padded_vocab_size, cfg.d_model, std=cfg.init_std)
+        # Meta tokens are replicated on every TP rank: their gradients agree because h is replicated.
+        self.meta = nn.Parameter(torch.randn(cfg.num_meta_tokens, cfg.d_model) * cfg.init_std) \
+            if cfg.num_meta_tokens else None
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.tokens(ids)
+        if self.meta is None:
+            return h
+        meta = self.meta.to(h.dtype).unsqueeze(0).expand(h.shape[0], -1, -1)
+        return torch.cat([meta, h], dim=1)
+
+
+class Head(nn.Module):
+    """Final norm, meta tokens dropped, output projection: h `[B, P + T, D]` -> logits `[B, T, V_local]`.
+
+    Logits of vocabulary padding rows are pushed to the dtype's minimum so they never take probability
+    mass: the loss is then the same whatever the padding (and thus whatever the TP size).
+    """
+
+    def __init__(self, cfg: ModelConfig, factory: LayerFactory, embed: Embed):
+        super().__init__()
+        self.num_prefix = cfg.num_meta_tokens
+        self.vocab_size = cfg.vocab_size
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        tied = embed.tokens if cfg.tie_embeddings else None
+        self.proj = factory.lm_head(cfg.d_model, cfg.padded_vocab_size, std=cfg.init_std, tied=tied)
+        start, end = factory.vocab_range(cfg.padded_vocab_size)
+        self.register_buffer("pad_mask", torch.arange(start, end) >= cfg.vocab_size, persistent=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        logits = self.proj(self.norm(h[:, self.num_prefix:]))
+        if bool(self.pad_mask.any()):
+            logits = logits.masked_fill(self.pad_mask, torch.finfo(logits.dtype).min)
+        return logits
+
+
+class DecoderLM(nn.Module):
+    """Decoder LM with meta tokens, GQA, RoPE, SwiGLU and per-layer global or windowed attention."""
+
+    def __init__(self, cfg: ModelConfig, factory: LayerFactory | None = None):
+        super().__init__()
+        cfg.validate()
+        if cfg.vocab_size <= 0:
+            raise ValueError("model.vocab_size is 0: set it or let the trainer take it from the dataset")
+        factory = factory or LayerFactory()
+        if cfg.kv_heads % factory.tp_size or cfg.padded_vocab_size % factory.tp_size:
+            raise ValueError(
+                f"tensor-parallel size {factory.tp_size} must divide model.n_kv_heads={cfg.kv_heads} "
+                f"and the padded vocabulary {cfg.padded_vocab_size}")
+        self.cfg = cfg
+        self.factory = factory
+        self.embed = Embed(cfg, factory)
+        self.blocks = nn.ModuleList(Block(cfg, factory, i) for i in range(cfg.n_layers))
+        self.head = Head(cfg, factory, self.embed)
+
+    def stages(self) -> list[nn.Module]:
+        """The model as a flat sequence of tensor -> tensor stages (for pipeline parallelism)."""
+        return [self.embed, *self.blocks, self.head]
+
+    def check_tokens(self, tokens: torch.Tensor) -> None:
+        """Raise ValueError for inputs the model cannot take (cheap checks, before any compute)."""
+        if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"tokens must be an integer tensor [B, T], got {tuple(tokens.shape)} {tokens.dtype}")
+        B, T = tokens.shape
+        if B == 0 or T == 0:
+            raise ValueError(f"empty batch: tokens have shape {tuple(tokens.shape)}")
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {T} tokens is longer than model.max_seq_len={self.cfg.max_seq_len}")
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= self.cfg.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {self.cfg.vocab_size}), got min {lo} max {hi}")
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> LMOutput:
+        """tokens `[B, T]` (and optional targets `[B, T]`) -> LMOutput(logits `[B, T, V]`, mean loss)."""
+        self.check_tokens(tokens)
+        h = self.embed(tokens)
+        for block in self.blocks:
+            h = block(h)
+        logits = self.head(h)
+        loss = None
+        if targets is not None:
+            loss = self.factory.cross_entropy(logits, targets).mean()
+        if self.factory.tp_size == 1:
+            logits = logits[..., : self.cfg.vocab_size]
+        return LMOutput(logits, loss)
+
+    def num_params(self, *, embedding: bool = True) -> int:
+        """Parameters on this rank (tied weights once); `embedding=False` leaves out the token embedding."""
+        n = sum(p.numel() for p in self.parameters())
+        if not embedding:
+            n -= self.embed.tokens.weight.numel()
+        return n
+
+
+def build_model(cfg: ModelConfig, factory: LayerFactory | None = None) -> DecoderLM:
+    """Build the model described by `cfg` with layers from `factory` (plain torch when None)."""
+    return DecoderLM(cfg, factory)

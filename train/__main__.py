@@ -1,0 +1,69 @@
+"""`python -m train --config configs/X.toml [--set a.b=value ...] [--run-dir DIR] [--resume auto]`.
+
+User errors (missing config file, key typos, impossible layouts, bad data) print one line on stderr
+and exit with code 2; they never end in a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .configtree import ConfigError
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean 'the user asked for something impossible' rather than a bug."""
+    from data.errors import DataError
+    from launch.groups import LayoutError
+    from model.errors import ModelConfigError
+    return ConfigError, DataError, LayoutError, ModelConfigError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m train", description="Train a memtrain model.")
+    p.add_argument("--config", help="TOML config file (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value, e.g. --set model.n_layers=4 (repeatable)")
+    p.add_argument("--run-dir", help="where logs and checkpoints go (default runs/<config>-<time>)")
+    p.add_argument("--resume", default="none", help="none, auto (newest complete checkpoint) or a path")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        from .config import load_config
+        from .configtree import to_toml
+        cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            print(to_toml(cfg), end="")
+            return 0
+        name = Path(args.config).stem if args.config else "default"
+        run_dir = Path(args.run_dir or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        from .trainer import Trainer
+        trainer = Trainer(cfg, run_dir, resume=args.resume)
+        if trainer.is_main:
+            print(f"# resolved config (saved to {run_dir / 'config.toml'})")
+            print(to_toml(cfg), end="", flush=True)
+            print(f"# model: {trainer.model.num_params():,} parameters on this rank; "
+                  f"layout: dp={trainer.layout.dp} tp={trainer.layout.tp}", flush=True)
+        summary = trainer.fit()
+        if trainer.is_main:
+            print(f"loss {summary['first_loss']:.4f} -> {summary['last10_loss']:.4f} (mean of the last 10 steps) "
+                  f"after {summary['steps']} steps")
+            print(f"tensorboard logs: {summary['tensorboard']}")
+            print(f"checkpoint:       {summary['checkpoint']}")
+    except user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Atomic checkpoints: written under a temporary name, renamed when complete, the newest K kept.
+
+    RUN_DIR/checkpoints/step_00000100/{meta.json, rank00000.pt, ...}
+
+A crash mid-save leaves only a `.tmp-*` directory, which is never mistaken for a checkpoint.
+Every rank writes its own file (its model shard, optimizer, stream and RNG state); rank 0 writes
+meta.json (step, layout, resolved config) and does the rename after a barrier.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_checkpoint(ckpt_root: Path, step: int, rank_state: dict[str, Any], meta: dict[str, Any],
+                    *, rank: int = 0, keep: int = 3) -> Path:
+    """Write this rank's state and (rank 0) the metadata; returns the final checkpoint directory."""
+    final = ckpt_root / f"step_{step:08d}"
+    tmp = ckpt_root / f".tmp-step_{step:08d}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    torch.save(rank_state, tmp / f"rank{rank:05d}.pt")
+    if rank == 0:
+        (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=2))
+    _barrier()
+    if rank == 0:
+        for path in tmp.iterdir():  # flush file contents before the rename makes them visible
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(ckpt_root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not ckpt_root.is_dir():
+        return []
+    return sorted(p for p in ckpt_root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)
+                  and (p / "meta.json").is_file())
+
+
+def load_checkpoint(path: Path, rank: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(this rank's state, metadata) of the checkpoint directory `path`."""
+    meta_file, state_file = path / "meta.json", path / f"rank{rank:05d}.pt"
+    if not meta_file.is_file() or not state_file.is_file():
+        raise FileNotFoundError(f"checkpoint {path} is incomplete (no {meta_file.name} or {state_file.name})")
+    return torch.load(state_file, map_location="cpu", weights_only=False), json.loads(meta_file.read_text())
