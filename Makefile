@@ -23,12 +23,17 @@ test: setup
 DEMO_DATA := data_cache/stdlib
 DEMO_RUN  := runs/demo
 
-demo: setup
+# The stdlib corpus is prepared once; delete data_cache/ to prepare it again.
+$(DEMO_DATA)/manifest.json: | setup
 	$(PY) -m data.prepare --source stdlib --out $(DEMO_DATA)
+
+demo: setup $(DEMO_DATA)/manifest.json
+	rm -rf $(DEMO_RUN)
 	$(PY) -m train --config configs/demo.toml --run-dir $(DEMO_RUN)
 
-bench: setup
-	$(PY) benchmarks/attention.py
+bench: setup $(DEMO_DATA)/manifest.json
+	$(PY) benchmarks/attention.py --quick
+	$(PY) benchmarks/data_stream.py $(DEMO_DATA)
 
 clean:
 	rm -rf $(VENV) runs data_cache

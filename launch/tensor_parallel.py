@@ -18,7 +18,6 @@ from megatron.core.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
-    gather_from_tensor_model_parallel_region,
     vocab_parallel_cross_entropy,
 )
 from megatron.core.tensor_parallel.utils import VocabUtility
@@ -101,7 +100,27 @@ class MegatronFactory(LayerFactory):
         return tuple(VocabUtility.vocab_range_from_global_vocab_size(vocab, self.tp_rank, self.tp_size))
 
     def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        return gather_from_tensor_model_parallel_region(logits)
+        return _GatherLastDim.apply(logits)
+
+
+class _GatherLastDim(torch.autograd.Function):
+    """All-gather `[..., V / tp]` slices into `[..., V]`; backward keeps this rank's slice of the gradient.
+
+    megatron-core's gather_from_tensor_model_parallel_region does the same but allocates on CUDA.
+    The backward is exact because whatever consumes the gathered tensor runs identically on every rank.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        group = parallel_state.get_tensor_model_parallel_group()
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        ctx.rank, ctx.width = dist.get_rank(group), x.shape[-1]
+        return torch.cat(parts, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad[..., ctx.rank * ctx.width: (ctx.rank + 1) * ctx.width].contiguous()
 
 
 def partition_dim(param: torch.Tensor) -> int | None:

@@ -6,6 +6,7 @@ and exit with code 2; they never end in a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -57,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"tensorboard logs: {summary['tensorboard']}")
             print(f"checkpoint:       {summary['checkpoint']}")
     except user_errors() as e:
-        print(f"error: {e}", file=sys.stderr)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        where = f" (rank {os.environ.get('RANK', '0')})" if world > 1 else ""
+        print(f"error{where}: {e}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -39,9 +39,20 @@ def _compare(rank: int, world: int, case: str, dtype: torch.dtype) -> dict:
     torch.manual_seed(0)
     tokens = torch.randint(0, cfg.vocab_size, (3, 21))
     targets = torch.randint(0, cfg.vocab_size, (3, 21))
+    probe = torch.randn(3, 21, cfg.vocab_size, dtype=dtype)
 
+    def loss_of(model, factory_loss: bool) -> torch.Tensor:
+        # fp32: the real loss path (megatron's vocab_parallel_cross_entropy, which always works in fp32).
+        # fp64: a linear functional of the gathered logits, so the layers themselves are checked exactly.
+        out = model(tokens, targets if factory_loss else None)
+        if factory_loss:
+            return out.loss
+        logits = model.factory.gather_logits(out.logits)[..., : cfg.vocab_size]
+        return (logits * probe).sum()
+
+    exact = dtype == torch.float64
     ref = build_model(dataclasses.replace(cfg)).to(dtype)
-    ref_loss = ref(tokens, targets).loss
+    ref_loss = loss_of(ref, not exact)
     ref_loss.backward()
 
     tp_model = build_model(dataclasses.replace(cfg), MegatronFactory()).to(dtype)
@@ -49,7 +60,7 @@ def _compare(rank: int, world: int, case: str, dtype: torch.dtype) -> dict:
     with torch.no_grad():
         for name, p in tp_model.named_parameters():
             p.copy_(shard_full(full[name].detach(), p, rank, world))
-    tp_loss = tp_model(tokens, targets).loss
+    tp_loss = loss_of(tp_model, not exact)
     tp_loss.backward()
 
     worst = 0.0
@@ -59,13 +70,13 @@ def _compare(rank: int, world: int, case: str, dtype: torch.dtype) -> dict:
         assert grad.shape == full[name].grad.shape, name
         worst = max(worst, float((grad - full[name].grad).abs().max()))
         names.append(name)
-    return {"ref_loss": float(ref_loss), "tp_loss": float(tp_loss), "worst_grad_diff": worst,
+    return {"ref_loss": ref_loss.item(), "tp_loss": tp_loss.item(), "worst_grad_diff": worst,
             "names": names, "ref_names": sorted(full)}
 
 
-# fp64: the only differences are summation order, so agreement is near machine precision.
-# fp32: the bar, 1e-5 on the loss and on every gradient entry.
-TOLERANCE = {str(torch.float64): 1e-12, str(torch.float32): 1e-5}
+# fp64: only the summation order differs, so agreement is near machine precision (relative to the
+# probe loss, a sum of ~6000 terms of size ~1). fp32: the bar, 1e-5 on the loss and every gradient.
+TOLERANCE = {str(torch.float64): 1e-10, str(torch.float32): 1e-5}
 
 
 @pytest.fixture(scope="module")

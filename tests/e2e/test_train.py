@@ -70,7 +70,9 @@ def test_tensor_parallel_run_matches_single_process(tiny_dataset, tmp_path):
     single = tmp_path / "tp1"
     train(tiny_dataset, single, steps=8)
     tp2 = tmp_path / "tp2"
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0"]
+    from tests.dist.spawn import free_port
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                "--master-port", str(free_port())]
     train(tiny_dataset, tp2, "--set", "parallel.tp=2", steps=8, launcher=launcher)
     a, b = read_metrics(single), read_metrics(tp2)
     for x, y in zip(a, b, strict=True):
