@@ -1,0 +1,99 @@
+"""Titans neural long-term memory kernels (DESIGN.md §2).
+
+Public ops (fla house style: :mod:`.reference` is the spec, fast paths must match it in fp64):
+
+    y, state = linear_memory(q, k, v, theta, eta, alpha, *, chunk_size, state=None, chunk_offset=0,
+                             backend="auto")
+    y, state = deep_memory(q, k, v, theta, eta, alpha, *, chunk_size, state, chunk_offset=0, act="gelu",
+                           backend="auto")
+
+Shapes: q, k [B,H,T,Dk]; v [B,H,T,Dv]; theta, eta, alpha [B,H,T] in [0, 1]; y [B,H,T,Dv].
+Linear state: (W, S) or (W, S, W_anchor), each [B,H,Dv,Dk] (zeros when None).
+Deep state:   (weights, momenta) or (weights, momenta, anchor weights); weights[l] [B,H,d_l,d_{l-1}]
+              (d_0 = Dk, d_L = Dv; momenta None -> zeros). :func:`init_deep_memory` makes per-head weights.
+Both return the 3-tuple state (memory, momentum, anchor); the anchor is the memory at the start of the chunk the
+next token falls into. Pass it back, with ``chunk_offset = tokens_seen % chunk_size``, to continue a sequence
+exactly (one pass == chained passes, also when pieces end mid-chunk). With chunk_offset == 0 a 2-tuple suffices.
+The initial state is differentiable (learned M_0 expanded over the batch).
+
+Backends: "chunked" (chunk-parallel torch, any device), "triton" (linear memory only; CUDA, or CPU under
+TRITON_INTERPRET=1), "reference" (naive chunk loop). "auto": triton on CUDA, chunked elsewhere.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .chunked import deep_memory_chunked, linear_memory_chunked
+from .reference import deep_memory_naive_chunks, linear_memory_naive_chunks
+
+__all__ = ["linear_memory", "deep_memory", "init_deep_memory"]
+
+
+def _check(q, k, v, theta, eta, alpha, chunk_size, chunk_offset):
+    if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"q, k [B,H,T,Dk] and v [B,H,T,Dv] expected, got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    for name, g in (("theta", theta), ("eta", eta), ("alpha", alpha)):
+        if g.shape != q.shape[:3]:
+            raise ValueError(f"{name} must be [B,H,T] = {tuple(q.shape[:3])}, got {tuple(g.shape)}")
+    if int(chunk_size) < 1 or not 0 <= int(chunk_offset) < int(chunk_size):
+        raise ValueError(f"need chunk_size >= 1 and 0 <= chunk_offset < chunk_size, got {chunk_size}, "
+                         f"{chunk_offset}")
+
+
+def _triton_usable(x: torch.Tensor) -> bool:
+    if x.is_cuda:
+        return True
+    import os
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def linear_memory(q, k, v, theta, eta, alpha, *, chunk_size: int, state=None, chunk_offset: int = 0,
+                  backend: str = "auto"):
+    """Linear Titans memory M(x) = W x. Shapes in the module docstring. Returns (y, (W, S, W_anchor))."""
+    _check(q, k, v, theta, eta, alpha, chunk_size, chunk_offset)
+    if backend == "auto":
+        backend = "triton" if q.is_cuda else "chunked"
+    kw = dict(chunk_size=chunk_size, state=state, chunk_offset=chunk_offset)
+    if backend == "chunked":
+        return linear_memory_chunked(q, k, v, theta, eta, alpha, **kw)
+    if backend == "triton":
+        if not _triton_usable(q):
+            raise RuntimeError("backend='triton' needs CUDA tensors or TRITON_INTERPRET=1")
+        from .triton_linear import linear_memory_triton   # imported lazily: TRITON_INTERPRET is read at import
+        return linear_memory_triton(q, k, v, theta, eta, alpha, **kw)
+    if backend == "reference":
+        return linear_memory_naive_chunks(q, k, v, theta, eta, alpha, **kw)
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def deep_memory(q, k, v, theta, eta, alpha, *, chunk_size: int, state, chunk_offset: int = 0, act: str = "gelu",
+                backend: str = "auto"):
+    """Deep (MLP) Titans memory; plain MLP W_L act(... act(W_1 x)). Returns (y, (weights, momenta, anchor))."""
+    _check(q, k, v, theta, eta, alpha, chunk_size, chunk_offset)
+    if backend in ("auto", "chunked", "triton"):   # no Triton kernel for the deep memory: chunked torch
+        return deep_memory_chunked(q, k, v, theta, eta, alpha, state, chunk_size=chunk_size,
+                                   chunk_offset=chunk_offset, act=act)
+    if backend == "reference":
+        return deep_memory_naive_chunks(q, k, v, theta, eta, alpha, state, chunk_size=chunk_size,
+                                        chunk_offset=chunk_offset, act=act)
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def init_deep_memory(heads: int, dim_k: int, dim_v: int, *, depth: int = 2, expansion: float = 4.0,
+                     dtype: torch.dtype = torch.float32, device=None,
+                     generator: Optional[torch.Generator] = None) -> tuple:
+    """Per-head initial weights of the deep memory: a tuple of ``depth`` tensors [H, d_l, d_{l-1}].
+
+    Hidden width = round(expansion * dim_k). Normal init with std 1/sqrt(fan_in). Make them nn.Parameters and
+    expand over the batch (``w.expand(B, *w.shape)``) to get a learned, differentiable M_0.
+    """
+    if depth < 1:
+        raise ValueError("depth must be >= 1")
+    hidden = max(1, int(round(expansion * dim_k)))
+    dims = [dim_k] + [hidden] * (depth - 1) + [dim_v]
+    return tuple(torch.randn(heads, dims[i + 1], dims[i], dtype=dtype, device=device, generator=generator)
+                 / math.sqrt(dims[i]) for i in range(depth))
