@@ -6,6 +6,7 @@ Hq / Hkv query / key-value heads on this tensor-parallel rank, Dh head width.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -46,14 +47,19 @@ def rotary_tables(
     angles = torch.cat([angles, angles], dim=-1)  # rotate-half layout: [T, Dh]
     cos = torch.cat([angles.new_ones(num_prefix, head_dim), angles.cos()])
     sin = torch.cat([angles.new_zeros(num_prefix, head_dim), angles.sin()])
-    return cos.float(), sin.float()
+    # fp64 tables: apply_rotary casts them to its compute dtype, so fp64 models stay exact
+    return cos, sin
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate `x` `[B, H, N, Dh]` by the tables `[N, Dh]` (rotate-half convention)."""
+    """Rotate `x` `[B, H, N, Dh]` by the tables `[N, Dh]` (rotate-half convention).
+
+    Computed in fp32 for bf16/fp16 inputs (rotation errors grow with position) and in fp64 for fp64.
+    """
+    dtype = torch.promote_types(x.dtype, torch.float32)
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    return (x.to(dtype) * cos.to(dtype) + rotated.to(dtype) * sin.to(dtype)).to(x.dtype)
 
 
 class SwiGLU(nn.Module):
@@ -93,17 +99,34 @@ class Attention(nn.Module):
         self.out = factory.row(cfg.n_heads * cfg.head_dim, cfg.d_model,
                                std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
 
-    def forward(self, x: torch.Tensor, pos_offset: int = 0) -> torch.Tensor:
-        """x `[B, N, D]` -> `[B, N, D]`, N = P + T."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        pos_offset: int = 0,
+        *,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """x `[B, N, D]` -> `[B, N, D]`, N = P + T.
+
+        Layouts other than [meta; text] (the RMT's [meta; read memory; text; write memory]) pass their own
+        `rotary` tables (cos, sin) `[N, Dh]` and/or `attend(q [B, Hq, N, Dh], k, v [B, Hkv, N, Dh])` returning
+        `[B, Hq, N, Dh]` in place of the prefix/window kernel call; both default to this layer's own behaviour.
+        """
         B, N, _ = x.shape
         G, Dh = self.group, self.head_dim
         qkv = self.qkv(x).view(B, N, self.local_kv_heads, G + 2, Dh)
         q = qkv[:, :, :, :G].reshape(B, N, self.local_kv_heads * G, Dh).transpose(1, 2)  # [B, Hq, N, Dh]
         k = qkv[:, :, :, G].transpose(1, 2)  # [B, Hkv, N, Dh]
         v = qkv[:, :, :, G + 1].transpose(1, 2)
-        cos, sin = rotary_tables(self.num_prefix, N - self.num_prefix, Dh, self.rope_theta, x.device, pos_offset)
+        if rotary is None:
+            rotary = rotary_tables(self.num_prefix, N - self.num_prefix, Dh, self.rope_theta, x.device, pos_offset)
+        cos, sin = rotary
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        o = attention(q, k, v, num_prefix=self.num_prefix, window=self.window, backend=self.backend)
+        if attend is None:
+            o = attention(q, k, v, num_prefix=self.num_prefix, window=self.window, backend=self.backend)
+        else:
+            o = attend(q, k, v)
         return self.out(o.transpose(1, 2).reshape(B, N, -1))
 
 
@@ -117,6 +140,7 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg, factory)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        h = h + self.attn(self.attn_norm(h))
+    def forward(self, h: torch.Tensor, **attn_kwargs) -> torch.Tensor:
+        """`attn_kwargs` (rotary, attend) go to `Attention.forward`; none are needed for the plain model."""
+        h = h + self.attn(self.attn_norm(h), **attn_kwargs)
         return h + self.mlp(self.mlp_norm(h))

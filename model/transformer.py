@@ -9,7 +9,7 @@ may attend to.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -26,6 +26,8 @@ class LMOutput(NamedTuple):
     """`[B, T, V]` (padding rows of the vocabulary removed at TP = 1)."""
     loss: torch.Tensor | None = None
     """Mean next-token loss when targets were given."""
+    state: Any = None
+    """Recurrent state to pass to the next call (memory models, e.g. `model.rmt.RMTState`); None otherwise."""
 
 
 class Embed(nn.Module):
@@ -130,4 +132,10 @@ class DecoderLM(nn.Module):
 
 def build_model(cfg: ModelConfig, factory: LayerFactory | None = None) -> DecoderLM:
     """Build the model described by `cfg` with layers from `factory` (plain torch when None)."""
+    if cfg.memory in ("lmm", "mac", "mag", "mal"):
+        from .titans import TitansDecoderLM
+        return TitansDecoderLM(cfg, factory)
+    if cfg.memory == "rmt":
+        from .rmt import RMTDecoderLM
+        return RMTDecoderLM(cfg, factory)
     return DecoderLM(cfg, factory)
