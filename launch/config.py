@@ -14,3 +14,10 @@ class ParallelConfig:
 
     backend: str = "auto"
     """torch.distributed backend: auto (nccl on CUDA, gloo on CPU), gloo or nccl."""
+
+    engine: str = "auto"
+    """Who runs the optimizer step: deepspeed, torch (plain loop), or auto (deepspeed when more than one
+    process or zero_stage > 0, else torch)."""
+
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage 0-3 (partitions optimizer state, gradients, parameters over data parallel)."""

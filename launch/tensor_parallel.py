@@ -139,9 +139,8 @@ def shard_full(full: torch.Tensor, param: torch.Tensor, tp_rank: int, tp_size: i
 def gather_full(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """The full tensor from every TP rank's slice (`tensor` is `param` or its gradient)."""
     dim = partition_dim(param)
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    if dim is None or tp_size == 1:
+    if dim is None or parallel_state.get_tensor_model_parallel_world_size() == 1:
         return tensor
-    parts = [torch.empty_like(tensor) for _ in range(tp_size)]
+    parts = [torch.empty_like(tensor) for _ in range(parallel_state.get_tensor_model_parallel_world_size())]
     dist.all_gather(parts, tensor.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
     return torch.cat(parts, dim=dim)

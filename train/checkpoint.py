@@ -13,7 +13,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -27,22 +27,29 @@ def _barrier() -> None:
 
 
 def save_checkpoint(ckpt_root: Path, step: int, rank_state: dict[str, Any], meta: dict[str, Any],
-                    *, rank: int = 0, keep: int = 3) -> Path:
-    """Write this rank's state and (rank 0) the metadata; returns the final checkpoint directory."""
+                    *, rank: int = 0, keep: int = 3, write_extra: Callable[[Path], None] | None = None) -> Path:
+    """Write this rank's state and (rank 0) the metadata; returns the final checkpoint directory.
+
+    `write_extra(tmp_dir)` runs on every rank before `rank_state` is written, for state that others
+    save themselves (DeepSpeed's engine checkpoint); it may add entries to `rank_state`.
+    """
     final = ckpt_root / f"step_{step:08d}"
     tmp = ckpt_root / f".tmp-step_{step:08d}"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
+    if write_extra is not None:
+        write_extra(tmp)
     torch.save(rank_state, tmp / f"rank{rank:05d}.pt")
     if rank == 0:
         (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=2))
     _barrier()
     if rank == 0:
-        for path in tmp.iterdir():  # flush file contents before the rename makes them visible
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
+        for path in tmp.rglob("*"):  # flush file contents before the rename makes them visible
+            if path.is_file():
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

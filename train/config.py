@@ -39,6 +39,9 @@ class OptimConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
 
+    grad_accum: int = 1
+    """Micro-batches per optimizer step on each data-parallel rank (gradient accumulation)."""
+
 
 @dataclass
 class ScheduleConfig:
@@ -69,6 +72,12 @@ class LoggingConfig:
     progress: bool = True
     """Show a progress bar (loss, tokens/s, ETA) on rank 0."""
 
+    eval_every: int = 0
+    """Evaluate on the held-out (val) stream every N steps and at the end; 0 disables evaluation."""
+
+    eval_batches: int = 8
+    """Batches of the val stream per evaluation (the same batches every time)."""
+
 
 @dataclass
 class Config:
@@ -77,6 +86,9 @@ class Config:
 
     device: str = "auto"
     """cpu, cuda or auto (cuda when available)."""
+
+    precision: str = "auto"
+    """fp32, bf16 (DeepSpeed engine), or auto: bf16 where the device supports it, fp32 otherwise."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     """The model (model/config.py)."""
@@ -110,9 +122,27 @@ class Config:
             raise ConfigError(f"device={self.device!r} must be auto, cpu or cuda")
         for key, value in (("data.seq_len", d.seq_len), ("data.batch_size", d.batch_size),
                            ("parallel.tp", p.tp), ("schedule.steps", self.schedule.steps),
-                           ("logging.every", self.logging.every), ("checkpoint.keep", self.checkpoint.keep)):
+                           ("logging.every", self.logging.every), ("checkpoint.keep", self.checkpoint.keep),
+                           ("logging.eval_batches", self.logging.eval_batches)):
             if value <= 0:
                 raise ConfigError(f"{key} must be positive, got {value}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"precision={self.precision!r} must be auto, fp32 or bf16")
+        if p.engine not in ("auto", "torch", "deepspeed"):
+            raise ConfigError(f"parallel.engine={p.engine!r} must be auto, torch or deepspeed")
+        if not 0 <= p.zero_stage <= 3:
+            raise ConfigError(f"parallel.zero_stage={p.zero_stage} must be 0, 1, 2 or 3")
+        if p.zero_stage and p.engine == "torch":
+            raise ConfigError(f"parallel.zero_stage={p.zero_stage} needs parallel.engine='deepspeed' (or 'auto')")
+        if self.optim.grad_accum < 1:
+            raise ConfigError(f"optim.grad_accum must be >= 1, got {self.optim.grad_accum}")
+        if m.memory == "rmt":
+            if m.rmt.segment_len > d.seq_len:
+                raise ConfigError(f"model.rmt.segment_len={m.rmt.segment_len} is longer than the training "
+                                  f"sequence data.seq_len={d.seq_len}")
+            if m.rmt.memory_replay and p.engine == "deepspeed":
+                raise ConfigError("model.rmt.memory_replay runs its own backward per segment: "
+                                  "set parallel.engine='torch' (it supports TP and DP)")
         if p.dp < 0:
             raise ConfigError(f"parallel.dp must be >= 0 (0 = the rest of the world size), got {p.dp}")
         if p.backend not in ("auto", "gloo", "nccl"):
@@ -132,8 +162,9 @@ class Config:
                               f"[0, schedule.steps={self.schedule.steps}]")
         if not 0.0 <= self.schedule.min_lr_ratio <= 1.0:
             raise ConfigError(f"schedule.min_lr_ratio={self.schedule.min_lr_ratio} must lie in [0, 1]")
-        if self.optim.lr <= 0 or self.optim.grad_clip < 0 or self.checkpoint.every < 0:
-            raise ConfigError("optim.lr must be positive; optim.grad_clip and checkpoint.every must be >= 0")
+        if self.optim.lr <= 0 or self.optim.grad_clip < 0 or self.checkpoint.every < 0 or self.logging.eval_every < 0:
+            raise ConfigError("optim.lr must be positive; optim.grad_clip, checkpoint.every and "
+                              "logging.eval_every must be >= 0")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -19,13 +20,13 @@ import torch
 import torch.distributed as dist
 
 from data.stream import build_stream
-from launch.groups import Layout, data_parallel_group, init_parallel, tensor_parallel_group
+from launch.groups import Layout, data_parallel_group, init_parallel
 from model import LayerFactory, build_model
 
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError
 from .configtree import to_toml
-from .optim import average_gradients, build_optimizer, build_scheduler, clip_gradients
+from .engine import build_engine
 
 
 def resolve_device(name: str) -> torch.device:
@@ -76,10 +77,10 @@ class Trainer:
             from launch.tensor_parallel import MegatronFactory
             factory = MegatronFactory()
         self.model = build_model(cfg.model, factory).to(self.device)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, cfg.schedule)
+        self.engine = build_engine(self.model, cfg, self.layout, self.run_dir, self.device)
         self.step = 0
+        self.stop_requested = False
+        self.metrics = None
         self.ckpt_root = self.run_dir / "checkpoints"
         self.writer = None
         if self.is_main:
@@ -94,16 +95,18 @@ class Trainer:
 
     def save(self) -> Path:
         state = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            "model": self.engine.model_state(),
             "stream": self.stream.state_dict(),
             "rng": rng_state(),
             "step": self.step,
         }
-        meta = {"config": dataclasses.asdict(self.cfg), "layout": dataclasses.asdict(self.layout)}
-        return save_checkpoint(self.ckpt_root, self.step, state, meta,
-                               rank=self.layout.rank, keep=self.cfg.checkpoint.keep)
+        from launch.tensor_parallel import partition_dim
+        meta = {"config": dataclasses.asdict(self.cfg), "layout": dataclasses.asdict(self.layout),
+                # how to merge TP shards: the dim each parameter is split along (None = replicated)
+                "partition_dims": {n: partition_dim(p) for n, p in self.model.named_parameters()},
+                "format": "memtrain-checkpoint-v1"}
+        return save_checkpoint(self.ckpt_root, self.step, state, meta, rank=self.layout.rank,
+                               keep=self.cfg.checkpoint.keep, write_extra=lambda d: state.update(self.engine.save(d)))
 
     def _resume(self, resume: str) -> None:
         if resume == "auto":
@@ -117,85 +120,134 @@ class Trainer:
         if meta["layout"]["world"] != self.layout.world or meta["layout"]["tp"] != self.layout.tp:
             raise ConfigError(f"checkpoint {path} was written with layout {meta['layout']}, this run has "
                               f"{dataclasses.asdict(self.layout)}: resume with the same layout")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.engine.load(path, state)
         self.stream.load_state_dict(state["stream"])
         set_rng_state(state["rng"])
         self.step = state["step"]
 
     # ---- one step --------------------------------------------------------------------------------
 
-    def train_step(self, batch) -> tuple[float, float]:
-        """Forward, backward, DP average, clip, update; returns (loss averaged over DP, grad norm)."""
+    def _tokens_this_step(self) -> int:
+        """Tokens of each sample used at this step (the RMT curriculum grows it; otherwise seq_len)."""
+        if self.cfg.model.memory == "rmt":
+            from model.rmt_config import tokens_for_step
+            return tokens_for_step(self.cfg.model.rmt, self.step, self.cfg.data.seq_len)
+        return self.cfg.data.seq_len
+
+    def train_step(self, batches: list) -> tuple[float, float]:
+        """One optimizer step over `grad_accum` micro-batches; returns (loss averaged over DP, grad norm)."""
         self.model.train()
-        inputs = batch.inputs.to(self.device)
-        targets = batch.targets.to(self.device)
-        loss = self.model(inputs, targets).loss
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        dp_group = data_parallel_group() if self.layout.dp > 1 else None
-        average_gradients(self.params, dp_group)
-        norm = clip_gradients(self.params, self.cfg.optim.grad_clip,
-                              tensor_parallel_group() if self.layout.tp > 1 else None)
-        self.optimizer.step()
-        self.scheduler.step()
-        loss = loss.detach().float()
-        if dp_group is not None:
-            dist.all_reduce(loss, group=dp_group)
-            loss /= self.layout.dp
-        return float(loss), norm
+        n = self._tokens_this_step()
+        accum = len(batches)
+        total = torch.zeros((), dtype=torch.float64)
+        for batch in batches:
+            inputs = batch.inputs[:, :n].to(self.device)
+            targets = batch.targets[:, :n].to(self.device)
+            if hasattr(self.model, "replay_backward") and self.cfg.model.rmt.memory_replay:
+                # memory replay runs its own segment-by-segment backward (torch engine only)
+                loss = self.model.replay_backward(inputs, targets) / accum
+                for p in self.model.parameters():
+                    if p.grad is not None:
+                        p.grad.div_(accum)
+            else:
+                loss = self.engine.module(inputs, targets).loss / accum
+                self.engine.backward(loss)
+            total += loss.detach().double().cpu()
+        norm = self.engine.step()
+        if self.layout.dp > 1:
+            dist.all_reduce(total, group=data_parallel_group())
+            total /= self.layout.dp
+        return float(total), norm
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over the first `logging.eval_batches` batches of the val stream (same ones every time)."""
+        self.model.eval()
+        stream = iter(build_stream(self.cfg.data, dp_rank=self.layout.dp_rank, dp_size=self.layout.dp, split="val"))
+        total = torch.zeros((), dtype=torch.float64)
+        for _ in range(self.cfg.logging.eval_batches):
+            batch = next(stream)
+            total += self.engine.module(batch.inputs.to(self.device), batch.targets.to(self.device)).loss.double().cpu()
+        total /= self.cfg.logging.eval_batches
+        if self.layout.dp > 1:
+            dist.all_reduce(total, group=data_parallel_group())
+            total /= self.layout.dp
+        return float(total)
 
     # ---- the loop --------------------------------------------------------------------------------
+
+    def _should_stop(self) -> bool:
+        """True once any rank got SIGTERM/SIGINT (ranks agree, so they all save the same step)."""
+        flag = torch.tensor([1.0 if self.stop_requested else 0.0])
+        if dist.is_initialized() and self.layout.world > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _install_signal_handlers(self) -> None:
+        def request_stop(signum, frame):
+            self.stop_requested = True  # finish the step in flight, then save and leave
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, request_stop)
+
+    def _log(self, scalars: dict[str, float]) -> None:
+        if self.metrics is not None:
+            self.metrics.write(json.dumps({"step": self.step, **scalars}) + "\n")
+            self.metrics.flush()
+        if self.writer is not None and (self.step % self.cfg.logging.every == 0 or self.step == self.cfg.schedule.steps
+                                        or any(k.startswith("eval/") for k in scalars)):
+            for tag, value in scalars.items():
+                self.writer.add_scalar(tag if "/" in tag else f"train/{tag}", value, self.step)
 
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
         total = cfg.schedule.steps
-        tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * self.layout.dp
         bar = None
         if self.is_main and cfg.logging.progress:
             from tqdm import tqdm
             bar = tqdm(total=total, initial=self.step, desc="train", unit="step", file=sys.stderr,
                        dynamic_ncols=True)
+        self._install_signal_handlers()
         stream = iter(self.stream)
-        metrics = open(self.run_dir / "metrics.jsonl", "a") if self.is_main else None
+        self.metrics = open(self.run_dir / "metrics.jsonl", "a") if self.is_main else None
         losses: list[float] = []
-        first_loss = None
+        eval_loss = None
         t_last = time.perf_counter()
+        interrupted = False
         while self.step < total:
-            batch = next(stream)
-            loss, norm = self.train_step(batch)
+            batches = [next(stream) for _ in range(cfg.optim.grad_accum)]
+            lr = self.engine.lr  # the rate this step uses (the schedule moves on inside the step)
+            loss, norm = self.train_step(batches)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss} at step {self.step}: lower optim.lr or check the data")
             self.step += 1
             now = time.perf_counter()
-            tok_s = tokens_per_step / max(now - t_last, 1e-9)
+            tokens = cfg.data.batch_size * self._tokens_this_step() * self.layout.dp * cfg.optim.grad_accum
+            tok_s = tokens / max(now - t_last, 1e-9)
             t_last = now
-            first_loss = loss if first_loss is None else first_loss
             losses.append(loss)
-            lr = self.scheduler.get_last_lr()[0]
-            if metrics is not None:
-                metrics.write(json.dumps({"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm,
-                                          "tokens_per_s": tok_s}) + "\n")
-                metrics.flush()
-            if self.writer is not None and (self.step % cfg.logging.every == 0 or self.step == total):
-                for tag, value in (("train/loss", loss), ("train/lr", lr), ("train/grad_norm", norm),
-                                   ("train/tokens_per_s", tok_s)):
-                    self.writer.add_scalar(tag, value, self.step)
+            self._log({"loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_s": tok_s})
+            if cfg.logging.eval_every and (self.step % cfg.logging.eval_every == 0 or self.step == total):
+                eval_loss = self.evaluate()
+                self._log({"eval/loss": eval_loss})
+                t_last = time.perf_counter()  # evaluation time is not training throughput
             if bar is not None:
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
                 bar.update(1)
+            if self._should_stop():
+                interrupted = True
+                break
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < total:
                 self.save()
         if bar is not None:
             bar.close()
-        if metrics is not None:
-            metrics.close()
+        if self.metrics is not None:
+            self.metrics.close()
         ckpt = self.save()
         if self.writer is not None:
             self.writer.close()
-        summary = {"steps": self.step, "first_loss": first_loss, "final_loss": losses[-1] if losses else None,
-                   "last10_loss": float(np.mean(losses[-10:])) if losses else None,
+        summary = {"steps": self.step, "interrupted": interrupted,
+                   "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
+                   "last10_loss": float(np.mean(losses[-10:])) if losses else None, "eval_loss": eval_loss,
                    "checkpoint": str(ckpt), "tensorboard": str(self.run_dir / "tb")}
         if self.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

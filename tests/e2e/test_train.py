@@ -78,3 +78,28 @@ def test_tensor_parallel_run_matches_single_process(tiny_dataset, tmp_path):
     for x, y in zip(a, b, strict=True):
         assert abs(x["loss"] - y["loss"]) < 1e-4, (x, y)
         assert abs(x["grad_norm"] - y["grad_norm"]) < 1e-4 * max(1.0, x["grad_norm"]), (x, y)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", [1, 3])
+def test_deepspeed_dp2_exact_resume(tiny_dataset, tmp_path, zero):
+    """2n steps in one go == n steps, stop, resume, n more: identical losses at every step (DP = 2, ZeRO)."""
+    from tests.dist.spawn import free_port
+
+    def launcher():
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                "--master-port", str(free_port())]
+
+    common = ["--set", f"parallel.zero_stage={zero}", "--set", "data.batch_size=4"]
+    straight = tmp_path / "straight"
+    train(tiny_dataset, straight, *common, steps=8, launcher=launcher())
+    first = tmp_path / "first"
+    train(tiny_dataset, first, *common, "--set", "checkpoint.every=4", steps=8, launcher=launcher())
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    (first / "checkpoints" / "step_00000004").rename(resumed / "checkpoints" / "step_00000004")
+    train(tiny_dataset, resumed, *common, "--resume", "auto", steps=8, launcher=launcher())
+    assert json.loads((straight / "deepspeed.json").read_text())["zero_optimization"]["stage"] == zero
+    a = [m["loss"] for m in read_metrics(straight)][4:]
+    b = [m["loss"] for m in read_metrics(resumed)]
+    assert a == b

@@ -1,0 +1,152 @@
+"""Who performs an optimizer step: a plain torch loop or the DeepSpeed engine, behind one interface.
+
+    engine.backward(loss)      # one micro-batch (loss already divided by the accumulation steps)
+    norm = engine.step()       # DP reduce, clip, update, schedule; returns the global gradient norm
+    engine.save(dir) / engine.load(dir), engine.lr, engine.module
+
+The torch engine is the reference: data parallelism by one flat all-reduce, the TP-aware clip of
+train/optim.py, AdamW, LambdaLR. The DeepSpeed engine gets the same optimizer and schedule objects and
+adds ZeRO 1-3 and bf16; the dist tests check that both give the same weights.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from launch.groups import Layout, data_parallel_group, tensor_parallel_group
+
+from .config import Config, ConfigError
+from .optim import average_gradients, build_optimizer, build_scheduler, clip_gradients, grad_norm
+
+
+def use_deepspeed(cfg: Config, layout: Layout) -> bool:
+    engine = cfg.parallel.engine
+    if engine == "auto":
+        replay = cfg.model.memory == "rmt" and cfg.model.rmt.memory_replay  # runs its own backward
+        return (layout.world > 1 or cfg.parallel.zero_stage > 0) and not replay
+    return engine == "deepspeed"
+
+
+class TorchEngine:
+    """The plain loop: AdamW and the schedule of train/optim.py, gradients averaged over DP by hand."""
+
+    def __init__(self, model: nn.Module, cfg: Config, layout: Layout):
+        self.module = model
+        self.cfg = cfg
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(model, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.schedule)
+        self.dp_group = data_parallel_group() if layout.dp > 1 else None
+        self.tp_group = tensor_parallel_group() if layout.tp > 1 else None
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> float:
+        average_gradients(self.params, self.dp_group)
+        norm = clip_gradients(self.params, self.cfg.optim.grad_clip, self.tp_group)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def model_state(self) -> dict:
+        return self.module.state_dict()
+
+    def save(self, directory: Path) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load(self, directory: Path, state: dict) -> None:
+        if "optimizer" not in state:
+            raise ConfigError(f"checkpoint {directory} holds no optimizer state for the torch engine "
+                              f"(written by another engine?): resume with the same parallel.engine")
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+class DeepSpeedEngine:
+    """DeepSpeed's engine around our model, optimizer and schedule (ZeRO 0-3, bf16, clipping, accumulation)."""
+
+    def __init__(self, model: nn.Module, cfg: Config, layout: Layout, run_dir: Path | None, bf16: bool):
+        import deepspeed
+
+        from launch.deepspeed_config import MegatronMPU, deepspeed_json
+
+        optimizer = build_optimizer(model, cfg.optim)
+        scheduler = build_scheduler(optimizer, cfg.schedule)
+        self.json = deepspeed_json(micro_batch=cfg.data.batch_size, grad_accum=cfg.optim.grad_accum,
+                                   zero_stage=cfg.parallel.zero_stage, grad_clip=cfg.optim.grad_clip, bf16=bf16)
+        if layout.rank == 0 and run_dir is not None:  # saved with the run, for the record
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "deepspeed.json").write_text(json.dumps(self.json, indent=2))
+        mpu = MegatronMPU() if dist.is_initialized() else None
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.json, mpu=mpu)
+        self.module = self.engine.module
+        self.zero_stage = cfg.parallel.zero_stage
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self.tp_group = tensor_parallel_group() if layout.tp > 1 else None
+        self._norm = float("nan")
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # DeepSpeed's own protocol is backward + step per micro-batch: it counts micro-steps, reduces
+        # gradients and updates only at the accumulation boundary. The trainer already divided the loss
+        # by the accumulation steps, so DeepSpeed must not divide again.
+        self.engine.backward(loss, scale_wrt_gas=False)
+        if self.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
+            # Without ZeRO DeepSpeed clips but keeps no norm; the gradients are DP-averaged by now.
+            self._norm = grad_norm(self.params, self.tp_group)
+        self.engine.step()
+
+    def step(self) -> float:
+        """The update already ran inside the last micro-batch's `backward`; report its gradient norm."""
+        if self.zero_stage == 0:
+            return float(self._norm)
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def model_state(self) -> dict:
+        """The full (TP-shard) weights; ZeRO-3 partitions are gathered first (collective)."""
+        if self.zero_stage < 3:
+            return self.module.state_dict()
+        import deepspeed
+        params = list(self.module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+
+    def save(self, directory: Path) -> dict:
+        self.engine.save_checkpoint(str(directory / "deepspeed"), tag="state", save_latest=False)
+        return {}
+
+    def load(self, directory: Path, state: dict) -> None:
+        path = directory / "deepspeed"
+        if not path.is_dir():
+            raise ConfigError(f"checkpoint {directory} holds no DeepSpeed state: resume with the same parallel.engine")
+        # DeepSpeed's checkpoint restores the weights too (partitioned ones under ZeRO-3).
+        self.engine.load_checkpoint(str(path), tag="state", load_optimizer_states=True,
+                                    load_lr_scheduler_states=True)
+
+
+def build_engine(model: nn.Module, cfg: Config, layout: Layout, run_dir: Path | None, device: torch.device):
+    """The engine the config asks for (see ParallelConfig.engine)."""
+    from launch.deepspeed_config import bf16_supported
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and bf16_supported(device))
+    if use_deepspeed(cfg, layout):
+        return DeepSpeedEngine(model, cfg, layout, run_dir, bf16)
+    if bf16:
+        raise ConfigError("precision='bf16' needs the DeepSpeed engine: set parallel.engine='deepspeed'")
+    return TorchEngine(model, cfg, layout)

@@ -1,0 +1,349 @@
+"""Hugging Face modeling code of an exported memtrain model (copied verbatim into every export).
+
+Plain torch + transformers, no memtrain imports: it runs under `AutoModelForCausalLM.from_pretrained(DIR,
+trust_remote_code=True)` anywhere. It reproduces memtrain's `model.DecoderLM` (memory = "none"):
+
+    ids [B, T] -> embed -> (meta tokens [P, D] in front) -> L x (RMSNorm, GQA attention, RMSNorm, SwiGLU)
+               -> final RMSNorm -> lm_head -> logits [B, T, V]
+
+Numerics follow the native model op for op: RMSNorm in fp32, rotary tables built in fp64 and applied in fp32
+(rotate-half layout, text positions count from 0, meta tokens carry no rotation), softmax scale 1/sqrt(Dh).
+
+Meta tokens and the KV cache. Meta-token queries see only the meta tokens, so their hidden states -- and their
+keys and values in every layer -- do not depend on the input: they are computed once (`MemtrainModel.prefix_kv`)
+and kept in the cache object as `cache.memtrain_prefix` (one [1, Hkv, P, Dh] pair per layer, shared by the whole
+batch). The cache's own layers hold text keys/values only, so `cache.get_seq_length()` counts text tokens,
+which is what `generate()` assumes, and windowed layers can use transformers' sliding-window cache layers.
+
+Padding. Masks are built from the 2-D `attention_mask` (1 = real token): a padded key is never visible, and
+rotary positions count real tokens only (`cumsum(mask) - 1`), so a left-padded row computes exactly what the
+same row computes alone. The sliding window is measured in those positions.
+
+Future memory kinds (RMT, Titans MAC/MAG/MAL) add a branch in `MemtrainModel.forward` and their recurrent state
+to the cache object; `configuration_memtrain.SUPPORTED_MEMORY` lists what this file implements.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .configuration_memtrain import MemtrainConfig
+
+
+class MemtrainRMSNorm(nn.Module):
+    """x / rms(x) * g computed in (at least) fp32, cast back to the input dtype (as memtrain's RMSNorm)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x if x.dtype == torch.float64 else x.float()  # at least fp32; fp64 stays fp64 (as native)
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.to(xf.dtype)).to(x.dtype)
+
+
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin `[B, 1, T, Dh]` (fp32) for integer positions `[B, T]`; angles in fp64 like the native tables."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim)
+    angles = positions.to(torch.float64).unsqueeze(-1) * inv_freq  # [B, T, Dh/2]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float().unsqueeze(1), angles.sin().float().unsqueeze(1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate `x` `[B, H, T, Dh]` (rotate-half convention), in fp32, result in x's dtype."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class MemtrainAttention(nn.Module):
+    """Grouped-query attention over [meta-token prefix; text]; query head h reads key/value head h // G."""
+
+    def __init__(self, config: MemtrainConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.rope_theta = config.rope_theta
+        self.window = config.sliding_window if config.layer_types[layer_idx] == "sliding_attention" else None
+        d = config.hidden_size
+        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=False)
+
+    def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return q, k, v
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        groups = self.num_heads // self.num_kv_heads
+        if groups > 1:  # explicit repeat: works with every torch version's SDPA
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        B, _, T, _ = o.shape
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+
+    def forward_prefix(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Meta tokens `[1, P, D]`: bidirectional among themselves, no rotation. Returns (out, (k, v))."""
+        q, k, v = self._heads(x)
+        return self._attend(q, k, v, None), (k, v)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        prefix_kv: tuple[torch.Tensor, torch.Tensor] | None,
+        text_keys: "TextKeys",
+        cache: Cache | None,
+    ) -> torch.Tensor:
+        """Text tokens x `[B, T, D]` -> `[B, T, D]`, attending to the prefix, the cached and the new text keys."""
+        q, k, v = self._heads(x)
+        cos, sin = cos_sin
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        mask = text_keys.mask(k.shape[2], self.window)  # [B, 1, T, Nk]
+        if prefix_kv is not None:
+            pk, pv = prefix_kv
+            B = k.shape[0]
+            k = torch.cat([pk.to(k.dtype).expand(B, -1, -1, -1), k], dim=2)
+            v = torch.cat([pv.to(v.dtype).expand(B, -1, -1, -1), v], dim=2)
+            mask = torch.cat([mask.new_ones(*mask.shape[:3], pk.shape[2]), mask], dim=-1)
+        return self._attend(q, k, v, mask)
+
+
+class TextKeys:
+    """Positions and validity of every text token seen so far (cached + new), for building per-layer masks.
+
+    `positions`/`valid` are `[B, L]` over all L text tokens; the new queries are the last T of them. A layer whose
+    cache keeps only its last Nk keys (sliding window) uses the last Nk columns.
+    """
+
+    def __init__(self, positions: torch.Tensor, valid: torch.Tensor, query_positions: torch.Tensor, num_new: int):
+        self.positions, self.valid = positions, valid
+        self.query_positions = query_positions  # [B, T]
+        self.num_new = num_new
+
+    def mask(self, num_keys: int, window: int | None) -> torch.Tensor:
+        """Boolean `[B, 1, T, num_keys]`: key visible iff real, not after the query, and inside the window.
+
+        A query always sees itself, so a padded query row is never empty (an empty row would give NaN, and NaN
+        values, although masked, poison the real rows through 0 * NaN).
+        """
+        L, T = self.positions.shape[1], self.num_new
+        k_idx = torch.arange(L - num_keys, L, device=self.positions.device)
+        q_idx = torch.arange(L - T, L, device=self.positions.device)
+        visible = (k_idx.view(1, 1, -1) <= q_idx.view(1, -1, 1)) & self.valid[:, -num_keys:].unsqueeze(1)
+        if window is not None:
+            dist = self.query_positions.unsqueeze(-1) - self.positions[:, -num_keys:].unsqueeze(1)
+            visible = visible & (dist < window)
+        visible = visible | (k_idx.view(1, 1, -1) == q_idx.view(1, -1, 1))
+        return visible.unsqueeze(1)
+
+
+class MemtrainMLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: MemtrainConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MemtrainDecoderLayer(nn.Module):
+    """Pre-norm block: h + attn(norm(h)), then + mlp(norm(h))."""
+
+    def __init__(self, config: MemtrainConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = MemtrainRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = MemtrainAttention(config, layer_idx)
+        self.post_attention_layernorm = MemtrainRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MemtrainMLP(config)
+
+    def forward_prefix(self, h: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        a, kv = self.self_attn.forward_prefix(self.input_layernorm(h))
+        h = h + a
+        return h + self.mlp(self.post_attention_layernorm(h)), kv
+
+    def forward(self, h: torch.Tensor, *args: Any) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), *args)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class MemtrainPreTrainedModel(PreTrainedModel):
+    config_class = MemtrainConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["MemtrainDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_cache_class = True  # transformers 4.x: accepts Cache objects
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, MemtrainRMSNorm):
+            nn.init.ones_(module.weight)
+        elif isinstance(module, MemtrainModel) and module.meta_tokens is not None:
+            nn.init.normal_(module.meta_tokens, mean=0.0, std=std)
+
+
+class MemtrainModel(MemtrainPreTrainedModel):
+    """The decoder without the output head: ids -> final-normed hidden states of the text tokens."""
+
+    def __init__(self, config: MemtrainConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.meta_tokens = nn.Parameter(torch.zeros(config.num_meta_tokens, config.hidden_size)) \
+            if config.num_meta_tokens else None
+        self.layers = nn.ModuleList(MemtrainDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = MemtrainRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def prefix_kv(self, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Keys and values of the meta tokens in every layer, `[1, Hkv, P, Dh]` each (input independent)."""
+        if self.meta_tokens is None:
+            return None
+        h = self.meta_tokens.to(dtype).unsqueeze(0)
+        out = []
+        for layer in self.layers:
+            h, kv = layer.forward_prefix(h)
+            out.append(kv)
+        return out
+
+    def _text_keys(self, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
+                   past: int, T: int, B: int, device: torch.device) -> TextKeys:
+        L = past + T
+        if attention_mask is None:
+            positions = torch.arange(L, device=device).unsqueeze(0).expand(B, -1)
+            valid = torch.ones(B, L, dtype=torch.bool, device=device)
+        else:
+            if attention_mask.dim() != 2 or attention_mask.shape[1] != L:
+                raise ValueError(f"attention_mask must be [batch, past + new tokens] = [{B}, {L}], "
+                                 f"got {tuple(attention_mask.shape)}")
+            valid = attention_mask.to(device).bool()
+            positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        query_positions = positions[:, -T:] if position_ids is None else position_ids.to(device).expand(B, -1)
+        return TextKeys(positions, valid, query_positions, T)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPast:
+        if self.config.memory != "none":  # branch point for RMT / Titans exports
+            raise NotImplementedError(f"memory={self.config.memory!r} is not implemented in this modeling file")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T, _ = h.shape
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = _new_cache(self.config)
+        if past_key_values is not None and not isinstance(past_key_values, Cache):
+            raise TypeError("past_key_values must be a transformers Cache (e.g. DynamicCache)")
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+
+        prefix = getattr(past_key_values, "memtrain_prefix", None) if past_key_values is not None else None
+        if prefix is None:
+            prefix = self.prefix_kv(h.dtype)
+            if past_key_values is not None:
+                past_key_values.memtrain_prefix = prefix
+        keys = self._text_keys(attention_mask, position_ids, past, T, B, h.device)
+        cos_sin = rotary_cos_sin(keys.query_positions, self.config.head_dim, self.config.rope_theta)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos_sin, prefix[i] if prefix is not None else None, keys, past_key_values)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(h), past_key_values=past_key_values)
+
+
+def _new_cache(config: MemtrainConfig) -> DynamicCache:
+    """A DynamicCache with sliding-window layers where the config has them (transformers >= 4.56), else plain."""
+    try:
+        return DynamicCache(config=config)
+    except TypeError:
+        return DynamicCache()
+
+
+class MemtrainForCausalLM(MemtrainPreTrainedModel, GenerationMixin):
+    """Causal LM head on `MemtrainModel`; `lm_head` shares the embedding matrix when tie_word_embeddings."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: MemtrainConfig):
+        super().__init__(config)
+        self.model = MemtrainModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast | tuple:
+        """Logits `[B, T, V]` (the last `logits_to_keep` positions when > 0); loss when `labels` are given
+        (labels aligned with input_ids, shifted here; -100 is ignored)."""
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
+        h = out.last_hidden_state
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        logits = self.lm_head(h)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten().to(logits.device),
+                                   ignore_index=-100)
+        if return_dict is False:
+            return tuple(x for x in (loss, logits, out.past_key_values) if x is not None)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+
+
+__all__ = ["MemtrainForCausalLM", "MemtrainModel", "MemtrainPreTrainedModel"]
