@@ -27,9 +27,12 @@ DEMO_RUN  := runs/demo
 $(DEMO_DATA)/manifest.json: | setup
 	$(PY) -m data.prepare --source stdlib --out $(DEMO_DATA)
 
+# Two CPU ranks (data parallel) through the DeepSpeed launcher, then the checkpoint exported to Hugging Face
+# format and a greedy sample generated from it through transformers.
 demo: setup $(DEMO_DATA)/manifest.json
 	rm -rf $(DEMO_RUN)
-	$(PY) -m train --config configs/demo.toml --run-dir $(DEMO_RUN)
+	launch/run.sh --nproc 2 -- --config configs/demo.toml --run-dir $(DEMO_RUN)
+	$(PY) -m train.export_hf --checkpoint $(DEMO_RUN) --out $(DEMO_RUN)/hf --sample "def main("
 
 bench: setup $(DEMO_DATA)/manifest.json
 	$(PY) benchmarks/attention.py --quick

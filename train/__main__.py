@@ -30,6 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--run-dir", help="where logs and checkpoints go (default runs/<config>-<time>)")
     p.add_argument("--resume", default="none", help="none, auto (newest complete checkpoint) or a path")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    # the DeepSpeed launcher appends --local_rank=N; the rank comes from the environment anyway
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 

@@ -43,6 +43,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _is_weights_only(path: Path) -> bool:
+    """An imported checkpoint: weights and config only, no optimizer, stream or RNG state."""
+    return "imported_from" in json.loads((path / "meta.json").read_text())
+
+
 def rng_state() -> dict[str, Any]:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
 
@@ -77,19 +82,25 @@ class Trainer:
             from launch.tensor_parallel import MegatronFactory
             factory = MegatronFactory()
         self.model = build_model(cfg.model, factory).to(self.device)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        resume_path = self._find_checkpoint(resume)
+        if resume_path is not None and _is_weights_only(resume_path):
+            # imported weights (python -m train.import_hf) start a new run: loaded before the engine
+            # exists, so DeepSpeed's fp32 master copies are made from them
+            self._load_weights_only(resume_path)
+            resume_path = None
         self.engine = build_engine(self.model, cfg, self.layout, self.run_dir, self.device)
         self.step = 0
         self.stop_requested = False
         self.metrics = None
-        self.ckpt_root = self.run_dir / "checkpoints"
         self.writer = None
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.toml").write_text(to_toml(cfg))
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(self.run_dir / "tb"))
-        if resume != "none":
-            self._resume(resume)
+        if resume_path is not None:
+            self._resume(resume_path)
 
     # ---- checkpoints -----------------------------------------------------------------------------
 
@@ -108,14 +119,29 @@ class Trainer:
         return save_checkpoint(self.ckpt_root, self.step, state, meta, rank=self.layout.rank,
                                keep=self.cfg.checkpoint.keep, write_extra=lambda d: state.update(self.engine.save(d)))
 
-    def _resume(self, resume: str) -> None:
+    def _find_checkpoint(self, resume: str) -> Path | None:
+        """The checkpoint `--resume` names: none, auto (newest complete one, if any) or a path."""
+        if resume == "none":
+            return None
         if resume == "auto":
             found = list_checkpoints(self.ckpt_root)
-            if not found:
-                return  # nothing to resume: a fresh run
-            path = found[-1]
-        else:
-            path = Path(resume)
+            return found[-1] if found else None  # nothing to resume: a fresh run
+        path = Path(resume)
+        if not (path / "meta.json").is_file():
+            raise ConfigError(f"--resume {path}: not a complete checkpoint (no meta.json); "
+                              f"complete ones are listed in RUN_DIR/checkpoints/")
+        return path
+
+    def _load_weights_only(self, path: Path) -> None:
+        """Model weights from a one-file TP = 1 checkpoint, cut to this rank's TP shards."""
+        from launch.tensor_parallel import shard_full
+        state, _ = load_checkpoint(path, 0)
+        params = dict(self.model.named_parameters())
+        full = {k: shard_full(v, params[k], self.layout.tp_rank, self.layout.tp) if k in params else v
+                for k, v in state["model"].items()}
+        self.model.load_state_dict(full)
+
+    def _resume(self, path: Path) -> None:
         state, meta = load_checkpoint(path, self.layout.rank)
         if meta["layout"]["world"] != self.layout.world or meta["layout"]["tp"] != self.layout.tp:
             raise ConfigError(f"checkpoint {path} was written with layout {meta['layout']}, this run has "

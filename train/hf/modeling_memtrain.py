@@ -271,6 +271,9 @@ class MemtrainModel(MemtrainPreTrainedModel):
             past_key_values = _new_cache(self.config)
         if past_key_values is not None and not isinstance(past_key_values, Cache):
             raise TypeError("past_key_values must be a transformers Cache (e.g. DynamicCache)")
+        if getattr(past_key_values, "is_compileable", False):
+            # static caches return fixed-size zero-padded buffers; the masks here assume the keys seen so far
+            raise NotImplementedError("static KV caches are not supported: use the default dynamic cache")
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
 
         prefix = getattr(past_key_values, "memtrain_prefix", None) if past_key_values is not None else None

@@ -1,0 +1,211 @@
+"""Export trained checkpoints to Hugging Face and back: logits, greedy generation, tokenizer, files, round trip.
+
+Two tiny models are trained for a few steps (`python -m train`, as users run it): the baseline (no meta tokens,
+global attention, MHA, untied head) and a Hymba-style model (meta tokens, windowed + global layers, GQA, tied).
+Both have vocabulary padding (512 -> 576). The TP = 2 variants are in the slow test at the end.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.e2e.test_train import train
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS = 4
+MODELS = {
+    "baseline": ["--set", "model.num_meta_tokens=0", "--set", "model.window=0", "--set", "model.n_kv_heads=4",
+                 "--set", "model.tie_embeddings=false"],
+    "meta": ["--set", "model.num_meta_tokens=4", "--set", "model.window=16", "--set", "model.global_layers=[-1]",
+             "--set", "model.n_kv_heads=2", "--set", "model.tie_embeddings=true"],
+}
+COMMON = ["--set", "model.vocab_pad_multiple=96", "--set", "data.batch_size=4", "--set", "schedule.warmup_steps=2"]
+PROMPT = "def main(argv):\n    "
+
+
+def native_model(run: Path):
+    """The training code's model with the merged weights of the run's newest checkpoint."""
+    from model import build_model
+    from train.hf import convert, merge
+    ckpt = merge.resolve_checkpoint(run)
+    meta = merge.read_meta(ckpt)
+    cfg = convert.build_config(meta["config"], str(ckpt))
+    model = build_model(cfg.model)
+    model.load_state_dict(merge.merge_model_state(ckpt, meta))
+    return model.eval()
+
+
+def load_hf(path: Path, **kw):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=True, **kw).eval()
+    return model, AutoTokenizer.from_pretrained(str(path), trust_remote_code=True)
+
+
+def native_greedy(model, ids: list[int], n: int = 64) -> list[int]:
+    """Greedy decoding by the native model: a full forward over the whole sequence for every new token."""
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+    return seq[len(ids):]
+
+
+def hf_greedy(model, ids: list[int], n: int = 64) -> list[int]:
+    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=3)
+    return out[0, len(ids):].tolist()
+
+
+def max_logit_diff(native, hf, vocab: int) -> float:
+    ids = torch.randint(0, vocab, (3, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return (native(ids).logits - hf(ids).logits).abs().max().item()
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_dataset, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """{name: (run dir, fp32 export dir)} for the single-process models."""
+    from train.export_hf import export
+    root = tmp_path_factory.mktemp("export")
+    out = {}
+    for name, args in MODELS.items():
+        run = root / f"run_{name}"
+        train(tiny_dataset, run, *COMMON, *args, steps=STEPS)
+        out[name] = (run, export(run, root / f"hf_{name}"))
+    return out
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_logits_and_greedy_generation_match_native(exported, name):
+    run, hf_dir = exported[name]
+    native = native_model(run)
+    hf, tok = load_hf(hf_dir)
+    diff = max_logit_diff(native, hf, native.cfg.vocab_size)
+    print(f"{name}: max |logits native - HF| = {diff:.3g}")
+    assert diff <= 1e-4
+    ids = tok(PROMPT)["input_ids"]
+    assert hf_greedy(hf, ids) == native_greedy(native, ids)
+
+
+def test_left_padded_batch_generates_as_each_row_alone(exported):
+    hf, tok = load_hf(exported["meta"][1])
+    prompts = ["import os\nimport sys\n", "x", "class Foo:\n    def bar(self):"]
+    batch = tok(prompts, return_tensors="pt", padding=True)
+    assert tok.padding_side == "left" and (batch["attention_mask"] == 0).any()
+    kw = dict(max_new_tokens=40, do_sample=False, eos_token_id=None, pad_token_id=tok.pad_token_id)
+    rows = hf.generate(**batch, **kw)[:, batch["input_ids"].shape[1]:]
+    for prompt, row in zip(prompts, rows):
+        assert row.tolist() == hf_greedy(hf, tok(prompt)["input_ids"], 40)
+
+
+def test_tokenizer_matches_the_training_tokenizer(exported, tiny_dataset):
+    from data.tokenizer import Tokenizer
+    _, tok = load_hf(exported["baseline"][1])
+    native = Tokenizer(str(tiny_dataset / "tokenizer.model"))
+    text = "def f(x):\n\tif x  >  12:  # héllo ✓ <s> </s>\n        return None\n\n"
+    ids = tok(text)["input_ids"]
+    assert ids == native.encode(text)
+    assert tok.decode(ids) == native.decode(ids) == text
+    assert (tok.eos_token_id, tok.pad_token_id, len(tok)) == (2, 3, native.vocab_size)
+
+
+def test_export_directory_contents(exported):
+    _, hf_dir = exported["meta"]
+    conf = json.loads((hf_dir / "config.json").read_text())
+    assert conf["auto_map"]["AutoModelForCausalLM"] == "modeling_memtrain.MemtrainForCausalLM"
+    assert conf["vocab_size"] == 512  # padding (576) trimmed
+    assert conf["layer_types"] == ["sliding_attention", "full_attention"] and conf["sliding_window"] == 16
+    assert conf["memtrain"]["step"] == STEPS and conf["memtrain"]["config"]["model"]["num_meta_tokens"] == 4
+    index = json.loads((hf_dir / "model.safetensors.index.json").read_text())
+    assert "lm_head.weight" not in index["weight_map"]  # tied: stored once
+    assert json.loads((hf_dir / "generation_config.json").read_text())["eos_token_id"] == 2
+    card = (hf_dir / "README.md").read_text()
+    assert "meta tokens | 4" in card and "memory | none" in card and "window 16, global" in card
+    for f in ("configuration_memtrain.py", "modeling_memtrain.py", "tokenization_memtrain.py"):
+        assert "from train" not in (hf_dir / f).read_text() and "megatron" not in (hf_dir / f).read_text()
+
+
+def test_bf16_export_with_several_shards(exported, tmp_path):
+    run, fp32_dir = exported["baseline"]
+    out = tmp_path / "bf16"
+    proc = subprocess.run([sys.executable, "-m", "train.export_hf", "--checkpoint", str(run), "--out", str(out),
+                           "--dtype", "bf16", "--max-shard-size", "100KB"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    hf16, _ = load_hf(out)
+    hf32, _ = load_hf(fp32_dir)
+    assert hf16.dtype == torch.bfloat16
+    ids = torch.randint(0, 512, (2, 32))
+    with torch.no_grad():
+        diff = (hf16(ids).logits.float() - hf32(ids).logits).abs().max().item()
+    assert diff < 0.25, diff  # bf16 rounding of the weights, nothing structural
+
+
+def test_import_then_export_gives_identical_weights(exported, tmp_path):
+    from safetensors.torch import load_file
+    from train.export_hf import export
+    from train.import_hf import import_hf
+    run, hf_dir = exported["meta"]
+    ckpt = import_hf(hf_dir, tmp_path / "ckpt")
+    again = export(ckpt, tmp_path / "again")
+
+    def weights(d: Path) -> dict[str, torch.Tensor]:
+        files = set(json.loads((d / "model.safetensors.index.json").read_text())["weight_map"].values())
+        return {k: v for f in files for k, v in load_file(str(d / f)).items()}
+    a, b = weights(hf_dir), weights(again)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the imported checkpoint is a memtrain-checkpoint-v1 the native model loads strictly, same logits
+    ids = torch.randint(0, 512, (2, 20))
+    with torch.no_grad():
+        assert torch.equal(native_model(ckpt)(ids).logits, native_model(run)(ids).logits)
+
+
+def test_trainer_resumes_from_an_imported_checkpoint(exported, tiny_dataset, tmp_path):
+    from train.import_hf import import_hf
+    ckpt = import_hf(exported["meta"][1], tmp_path / "ckpt")
+    train(tiny_dataset, tmp_path / "cont", *COMMON, *MODELS["meta"], "--resume", str(ckpt), steps=2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", MODELS)
+def test_tensor_parallel_checkpoint_exports_exactly(tiny_dataset, tmp_path, name):
+    """TP = 2 training -> export; HF logits equal the TP = 2 native forward, greedy equals native greedy."""
+    from tests.dist.spawn import free_port, run_ranks
+    from train.export_hf import export
+    run = tmp_path / "run"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                "--master-port", str(free_port())]
+    train(tiny_dataset, run, *COMMON, *MODELS[name], "--set", "parallel.tp=2", steps=2, launcher=launcher)
+    hf, tok = load_hf(export(run, tmp_path / "hf"))
+    ids = torch.randint(0, 512, (3, 48), generator=torch.Generator().manual_seed(1))
+    tp_logits = run_ranks(_tp_forward, 2, str(run), ids)[0]
+    with torch.no_grad():
+        diff = (tp_logits - hf(ids).logits).abs().max().item()
+    print(f"{name} TP=2: max |logits native TP=2 - HF| = {diff:.3g}")
+    assert diff <= 1e-4
+    prompt = tok(PROMPT)["input_ids"]
+    assert hf_greedy(hf, prompt) == native_greedy(native_model(run), prompt)
+
+
+def _tp_forward(rank: int, world: int, run: str, ids: torch.Tensor) -> torch.Tensor:
+    """On each of 2 gloo ranks: the native TP model from this rank's own shard; full-vocabulary logits."""
+    from megatron.core import parallel_state
+
+    from launch.tensor_parallel import MegatronFactory
+    from model import build_model
+    from train.checkpoint import load_checkpoint
+    from train.hf import convert, merge
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=world, create_gloo_process_groups=False)
+    state, meta = load_checkpoint(merge.resolve_checkpoint(Path(run)), rank)
+    cfg = convert.build_config(meta["config"], run)
+    model = build_model(cfg.model, MegatronFactory()).eval()
+    model.load_state_dict(state["model"])
+    with torch.no_grad():
+        return model.factory.gather_logits(model(ids).logits)[..., : cfg.model.vocab_size]
