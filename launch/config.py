@@ -10,10 +10,17 @@ class ParallelConfig:
     """Tensor-parallel size (megatron-core layers); must divide the attention heads and KV heads."""
 
     dp: int = 0
-    """Data-parallel size; 0 takes what is left of the world size after tensor parallelism."""
+    """Data-parallel size; 0 takes what is left of the world size after tensor and pipeline parallelism."""
+
+    pp: int = 1
+    """Pipeline-parallel stages (DeepSpeed PipelineModule, launch/pipeline.py); at most model.n_layers, and
+    only with parallel.zero_stage 0 or 1. Ranks are ordered tp fastest, then dp, then pp (megatron's order)."""
 
     backend: str = "auto"
     """torch.distributed backend: auto (nccl on CUDA, gloo on CPU), gloo or nccl."""
+
+    timeout_s: int = 600
+    """Seconds a collective may wait for the other ranks before the job stops (a hung or lost rank)."""
 
     engine: str = "auto"
     """Who runs the optimizer step: deepspeed, torch (plain loop), or auto (deepspeed when more than one

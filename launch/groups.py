@@ -2,12 +2,13 @@
 
 `init_parallel` starts torch.distributed from the launcher's environment (torchrun, deepspeed, SLURM
 via srun + torchrun) when there is more than one process, checks the layout against the world size,
-and builds megatron-core's groups (tensor parallel fastest, then data parallel).
+and builds megatron-core's groups (tensor parallel fastest, then data parallel, then pipeline stages).
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -22,7 +23,7 @@ class LayoutError(ValueError):
 
 @dataclass(frozen=True)
 class Layout:
-    """Sizes and this process's coordinates in the dp × tp grid."""
+    """Sizes and this process's coordinates in the tp × dp × pp grid (tp fastest, then dp, then pp)."""
 
     world: int
     rank: int
@@ -30,19 +31,36 @@ class Layout:
     dp: int
     tp_rank: int
     dp_rank: int
+    pp: int = 1
+    pp_rank: int = 0
 
 
-def resolve_layout(cfg: ParallelConfig, world: int, rank: int = 0) -> Layout:
-    """Check that the sizes multiply to the world size and work out this rank's coordinates."""
+def resolve_layout(cfg: ParallelConfig, world: int, rank: int = 0, *, n_layers: int | None = None) -> Layout:
+    """Check that the sizes multiply to the world size and work out this rank's coordinates.
+
+    `n_layers` (the model's blocks), when given, is checked against the pipeline stages.
+    """
     if cfg.tp < 1 or world % cfg.tp:
         raise LayoutError(f"parallel.tp={cfg.tp} does not divide the world size {world}: "
                           f"launch a multiple of {cfg.tp} processes or change parallel.tp")
-    dp = world // cfg.tp
+    pp = getattr(cfg, "pp", 1)
+    if pp < 1 or world % (cfg.tp * pp):
+        raise LayoutError(f"parallel.pp={pp} × parallel.tp={cfg.tp} does not divide the world size {world}: "
+                          f"launch a multiple of {cfg.tp * max(pp, 1)} processes or change parallel.pp")
+    if pp > 1 and cfg.zero_stage > 1:
+        raise LayoutError(f"parallel.zero_stage={cfg.zero_stage} cannot run with parallel.pp={pp} (DeepSpeed's "
+                          f"pipeline engine supports ZeRO 0 and 1 only): set parallel.zero_stage=1 or parallel.pp=1")
+    if n_layers is not None and pp > n_layers:
+        raise LayoutError(f"parallel.pp={pp} is more pipeline stages than model.n_layers={n_layers} blocks: "
+                          f"set parallel.pp <= {n_layers} or add layers")
+    dp = world // (cfg.tp * pp)
     if cfg.dp and cfg.dp != dp:
-        raise LayoutError(f"parallel.dp={cfg.dp} × parallel.tp={cfg.tp} != world size {world}: "
+        raise LayoutError(f"parallel.dp={cfg.dp} × parallel.tp={cfg.tp} × parallel.pp={pp} != world size {world}: "
                           f"set parallel.dp={dp} or 0 (derived)")
-    # Megatron's order: tensor-parallel ranks are adjacent (fastest), data-parallel ranks stride by tp.
-    return Layout(world=world, rank=rank, tp=cfg.tp, dp=dp, tp_rank=rank % cfg.tp, dp_rank=rank // cfg.tp)
+    # Megatron's order: tensor-parallel ranks are adjacent (fastest), data-parallel ranks stride by tp,
+    # pipeline stages by tp × dp (DeepSpeed's PipeModelDataParallelTopology lays ranks out the same way).
+    return Layout(world=world, rank=rank, tp=cfg.tp, dp=dp, tp_rank=rank % cfg.tp,
+                  dp_rank=(rank // cfg.tp) % dp, pp=pp, pp_rank=rank // (cfg.tp * dp))
 
 
 def world_from_env() -> tuple[int, int]:
@@ -50,17 +68,18 @@ def world_from_env() -> tuple[int, int]:
     return int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
 
 
-def init_parallel(cfg: ParallelConfig, device: torch.device) -> Layout:
-    """Start torch.distributed if needed and build megatron-core's TP/DP groups; returns the layout."""
+def init_parallel(cfg: ParallelConfig, device: torch.device, *, n_layers: int | None = None) -> Layout:
+    """Start torch.distributed if needed and build megatron-core's TP/DP/PP groups; returns the layout."""
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else world_from_env()
-    layout = resolve_layout(cfg, world, rank)
+    layout = resolve_layout(cfg, world, rank, n_layers=n_layers)
     if world == 1 and not dist.is_initialized():
         return layout
     if not dist.is_initialized():
         backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=cfg.timeout_s))
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=cfg.tp,
+                                                 pipeline_model_parallel_size=layout.pp,
                                                  create_gloo_process_groups=False)
     return layout
 
@@ -72,6 +91,17 @@ def data_parallel_group():
 
 def tensor_parallel_group():
     return parallel_state.get_tensor_model_parallel_group() if parallel_state.model_parallel_is_initialized() else None
+
+
+_LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "timed out", "Timed out",
+              "NCCL communicator was aborted", "DistNetworkError")
+
+
+def is_lost_peer(error: BaseException) -> bool:
+    """True for the errors a collective raises when another rank died or stopped answering."""
+    if not dist.is_initialized():
+        return False
+    return isinstance(error, dist.DistError) or any(s in str(error) for s in _LOST_PEER)
 
 
 def destroy_parallel() -> None:

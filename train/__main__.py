@@ -67,6 +67,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as e:
+        from launch.groups import is_lost_peer
+        if not is_lost_peer(e):
+            raise
+        # Another rank died (or hung past parallel.timeout_s): the collective failed on this one.
+        first = str(e).strip().splitlines()[0][:200]
+        print(f"error (rank {os.environ.get('RANK', '0')}): lost contact with another rank, which crashed, was "
+              f"killed or hung ({first}); the job stops. Checkpoints already written are complete: restart "
+              f"with --resume auto", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

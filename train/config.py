@@ -123,7 +123,8 @@ class Config:
         for key, value in (("data.seq_len", d.seq_len), ("data.batch_size", d.batch_size),
                            ("parallel.tp", p.tp), ("schedule.steps", self.schedule.steps),
                            ("logging.every", self.logging.every), ("checkpoint.keep", self.checkpoint.keep),
-                           ("logging.eval_batches", self.logging.eval_batches)):
+                           ("logging.eval_batches", self.logging.eval_batches),
+                           ("parallel.timeout_s", p.timeout_s)):
             if value <= 0:
                 raise ConfigError(f"{key} must be positive, got {value}")
         if self.precision not in ("auto", "fp32", "bf16"):
