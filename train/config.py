@@ -72,6 +72,9 @@ class LoggingConfig:
     progress: bool = True
     """Show a progress bar (loss, tokens/s, ETA) on rank 0."""
 
+    peak_tflops: float = 0.0
+    """Peak TFLOP/s of one device for MFU; 0 uses the datasheet number of known GPUs, else a measured matmul rate."""
+
     eval_every: int = 0
     """Evaluate on the held-out (val) stream every N steps and at the end; 0 disables evaluation."""
 

@@ -233,6 +233,12 @@ class Trainer:
             bar = tqdm(total=total, initial=self.step, desc="train", unit="step", file=sys.stderr,
                        dynamic_ncols=True)
         self._install_signal_handlers()
+        from .flops import FORMULA, flops_per_token, peak_flops
+        peak, peak_source = peak_flops(self.device, cfg.logging.peak_tflops)
+        flops: dict[int, float] = {}  # FLOPs per token by sequence length (the RMT curriculum changes it)
+        if self.is_main:
+            print(f"# MFU: FLOPs/token = {FORMULA}; peak {peak / 1e12:.2f} TFLOP/s per device from {peak_source}",
+                  flush=True)
         stream = iter(self.stream)
         self.metrics = open(self.run_dir / "metrics.jsonl", "a") if self.is_main else None
         losses: list[float] = []
@@ -250,14 +256,18 @@ class Trainer:
             tokens = cfg.data.batch_size * self._tokens_this_step() * self.layout.dp * cfg.optim.grad_accum
             tok_s = tokens / max(now - t_last, 1e-9)
             t_last = now
+            n = self._tokens_this_step()
+            if n not in flops:
+                flops[n] = flops_per_token(self.model, n, self.layout.tp)
+            mfu = tok_s * flops[n] / (peak * self.layout.world)
             losses.append(loss)
-            self._log({"loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_s": tok_s})
+            self._log({"loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_s": tok_s, "mfu": mfu})
             if cfg.logging.eval_every and (self.step % cfg.logging.eval_every == 0 or self.step == total):
                 eval_loss = self.evaluate()
                 self._log({"eval/loss": eval_loss})
                 t_last = time.perf_counter()  # evaluation time is not training throughput
             if bar is not None:
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}")
                 bar.update(1)
             if self._should_stop():
                 interrupted = True

@@ -1,0 +1,75 @@
+"""Model FLOPs per token and the peak rate they are compared with (MFU, DESIGN.md §7).
+
+    FLOPs/token = 6·N_matmul + Σ_layers 6·H·(d_qk + d_v)·C_layer  (+ the memory's own work, counted by the model)
+
+N_matmul counts the weights of every matrix multiply of the whole model (all TP shards; the lm head
+included, embedding lookups and norms excluded); 6 = 2 (multiply-add) × 3 (forward, backward for inputs
+and for weights). C_layer is the number of keys a query attends to: the sequence (plus meta tokens) in a
+global layer, window + meta tokens in a windowed one — counted over the whole sequence as PaLM does, not
+halved for causality. Memory models add their inner update work through `extra_flops_per_token`.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+FORMULA = "6*N_matmul + sum_layers 6*H*(d_qk+d_v)*C_layer + memory_inner_work (DESIGN.md §7)"
+
+# Dense bf16 tensor-core peaks (no sparsity) of common accelerators, FLOP/s.
+_GPU_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
+
+
+def matmul_weights(model: nn.Module, tp_size: int = 1) -> int:
+    """Weights used in matrix multiplies over the whole model (this rank's shards × TP for split ones)."""
+    from launch.tensor_parallel import partition_dim
+    total = 0
+    embedding = getattr(getattr(model, "embed", None), "tokens", None)
+    tied = bool(getattr(getattr(model, "cfg", None), "tie_embeddings", False))
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, nn.Parameter) or weight.dim() != 2:
+            continue
+        if module is embedding and not tied:
+            continue  # a lookup, not a matmul (when tied, the same matrix is the lm head's matmul)
+        total += weight.numel() * (tp_size if partition_dim(weight) is not None else 1)
+    return total
+
+
+def flops_per_token(model: nn.Module, seq_len: int, tp_size: int = 1) -> float:
+    """Training FLOPs per text token of `model` at sequence length `seq_len` (formula in FORMULA)."""
+    cfg = model.cfg
+    attention = 0.0
+    for layer in range(cfg.n_layers):
+        window = cfg.layer_window(layer)
+        keys = (min(window, seq_len) if window else seq_len) + cfg.num_meta_tokens
+        attention += 6 * cfg.n_heads * (2 * cfg.head_dim) * keys
+    extra = model.extra_flops_per_token(seq_len) if hasattr(model, "extra_flops_per_token") else 0.0
+    return 6.0 * matmul_weights(model, tp_size) + attention + extra
+
+
+def peak_flops(device: torch.device, override_tflops: float = 0.0) -> tuple[float, str]:
+    """(peak FLOP/s of one device, where the number comes from)."""
+    if override_tflops > 0:
+        return override_tflops * 1e12, "logging.peak_tflops"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in _GPU_PEAKS.items():
+            if key in name:
+                return peak, f"datasheet bf16 dense ({name})"
+    return measured_matmul_rate(device), "measured fp32 matmul rate (no datasheet peak for this device)"
+
+
+def measured_matmul_rate(device: torch.device, n: int = 1024, seconds: float = 0.3) -> float:
+    """FLOP/s of a square fp32 matmul on `device`: the practical ceiling on a CPU."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    a @ b  # warm-up
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 2 * n**3 * count / (time.perf_counter() - start)
