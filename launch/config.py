@@ -4,6 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+class LayoutError(ValueError):
+    """The requested parallel layout does not fit the world size or the model; the message says which."""
+
+
 @dataclass
 class ParallelConfig:
     tp: int = 1

@@ -14,11 +14,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from .config import ParallelConfig
-
-
-class LayoutError(ValueError):
-    """The requested parallel layout does not fit the world size or the model; the message says which."""
+from .config import LayoutError, ParallelConfig
 
 
 @dataclass(frozen=True)

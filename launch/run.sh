@@ -67,4 +67,12 @@ fi
 [ "$no_ssh" = 1 ] && args+=(--no_ssh --node_rank "$node_rank")
 
 cd "$root"
-exec "$python" -m deepspeed.launcher.runner "${args[@]}" --module train "$@"
+# Not exec: the EXIT trap must still remove the env file. TERM/INT sent to this script are passed on to the
+# runner (which passes them to every rank: each saves a checkpoint and exits).
+"$python" -m deepspeed.launcher.runner "${args[@]}" --module train "$@" &
+runner=$!
+trap 'kill -TERM "$runner" 2>/dev/null' TERM INT
+status=0
+wait "$runner" || status=$?
+while kill -0 "$runner" 2>/dev/null; do wait "$runner" || status=$?; done  # a trapped signal ended the first wait
+exit "$status"

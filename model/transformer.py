@@ -64,10 +64,11 @@ class Head(nn.Module):
         self.proj = factory.lm_head(cfg.d_model, cfg.padded_vocab_size, std=cfg.init_std, tied=tied)
         start, end = factory.vocab_range(cfg.padded_vocab_size)
         self.register_buffer("pad_mask", torch.arange(start, end) >= cfg.vocab_size, persistent=False)
+        self.has_padding = bool(self.pad_mask.any())  # a Python bool: no device sync per forward
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         logits = self.proj(self.norm(h[:, self.num_prefix:]))
-        if bool(self.pad_mask.any()):
+        if self.has_padding:
             logits = logits.masked_fill(self.pad_mask, torch.finfo(logits.dtype).min)
         return logits
 
@@ -104,7 +105,7 @@ class DecoderLM(nn.Module):
             raise ValueError(f"empty batch: tokens have shape {tuple(tokens.shape)}")
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {T} tokens is longer than model.max_seq_len={self.cfg.max_seq_len}")
-        lo, hi = int(tokens.min()), int(tokens.max())
+        lo, hi = (int(v) for v in torch.aminmax(tokens))  # one device sync for both bounds
         if lo < 0 or hi >= self.cfg.vocab_size:
             raise ValueError(f"token ids must lie in [0, {self.cfg.vocab_size}), got min {lo} max {hi}")
 

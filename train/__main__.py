@@ -17,7 +17,7 @@ from .configtree import ConfigError
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean 'the user asked for something impossible' rather than a bug."""
     from data.errors import DataError
-    from launch.groups import LayoutError
+    from launch.config import LayoutError
     from model.errors import ModelConfigError
     return ConfigError, DataError, LayoutError, ModelConfigError
 
@@ -44,19 +44,24 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(to_toml(cfg), end="")
             return 0
+        if args.resume == "auto" and not args.run_dir:
+            raise ConfigError("--resume auto continues the run in --run-dir DIR: name the run directory")
         name = Path(args.config).stem if args.config else "default"
-        run_dir = Path(args.run_dir or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        default_run_dir = f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}"  # rank 0's choice is broadcast
         from .trainer import Trainer
-        trainer = Trainer(cfg, run_dir, resume=args.resume)
+        trainer = Trainer(cfg, args.run_dir, resume=args.resume, default_run_dir=default_run_dir)
+        run_dir = trainer.run_dir
         if trainer.is_main:
             print(f"# resolved config (saved to {run_dir / 'config.toml'})")
             print(to_toml(cfg), end="", flush=True)
             print(f"# model: {trainer.model.num_params():,} parameters on this rank; "
                   f"layout: dp={trainer.layout.dp} tp={trainer.layout.tp}", flush=True)
         summary = trainer.fit()
-        if trainer.is_main:
+        if trainer.is_main and summary["first_loss"] is not None:
             print(f"loss {summary['first_loss']:.4f} -> {summary['last10_loss']:.4f} (mean of the last 10 steps) "
                   f"after {summary['steps']} steps")
+        elif trainer.is_main:
+            print(f"nothing to train: the run is already at step {summary['steps']} of {cfg.schedule.steps}")
             print(f"tensorboard logs: {summary['tensorboard']}")
             print(f"checkpoint:       {summary['checkpoint']}")
     except user_errors() as e:
@@ -75,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         first = str(e).strip().splitlines()[0][:200]
         print(f"error (rank {os.environ.get('RANK', '0')}): lost contact with another rank, which crashed, was "
               f"killed or hung ({first}); the job stops. Checkpoints already written are complete: restart "
-              f"with --resume auto", file=sys.stderr, flush=True)
+              f"with --run-dir DIR --resume auto", file=sys.stderr, flush=True)
         return 1
     return 0
 

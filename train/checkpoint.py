@@ -4,7 +4,8 @@
 
 A crash mid-save leaves only a `.tmp-*` directory, which is never mistaken for a checkpoint.
 Every rank writes its own file (its model shard, optimizer, stream and RNG state); rank 0 writes
-meta.json (step, layout, resolved config) and does the rename after a barrier.
+meta.json (step, layout, resolved config) and does the rename after a barrier. Rank 0 flushes every file
+it sees before the rename: on several machines the run directory must be on a shared file system.
 """
 from __future__ import annotations
 
@@ -50,13 +51,26 @@ def save_checkpoint(ckpt_root: Path, step: int, rank_state: dict[str, Any], meta
             if path.is_file():
                 with open(path, "rb") as f:
                     os.fsync(f.fileno())
-        if final.exists():
-            shutil.rmtree(final)
+        old = ckpt_root / f".old-step_{step:08d}"
+        if final.exists():  # a re-run of this step: swap, so a complete checkpoint exists at every moment
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+        _fsync_dir(ckpt_root)
         for old in list_checkpoints(ckpt_root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in `path` durable (the directory entry itself must reach the disk)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:

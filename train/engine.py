@@ -144,9 +144,10 @@ class DeepSpeedEngine:
 def build_engine(model: nn.Module, cfg: Config, layout: Layout, run_dir: Path | None, device: torch.device):
     """The engine the config asks for (see ParallelConfig.engine)."""
     from launch.deepspeed_config import bf16_supported
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and bf16_supported(device))
     if use_deepspeed(cfg, layout):
+        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and bf16_supported(device))
         return DeepSpeedEngine(model, cfg, layout, run_dir, bf16)
-    if bf16:
-        raise ConfigError("precision='bf16' needs the DeepSpeed engine: set parallel.engine='deepspeed'")
+    if cfg.precision == "bf16":  # "auto" means fp32 for the plain torch loop
+        raise ConfigError("precision='bf16' needs the DeepSpeed engine: set parallel.engine='deepspeed' "
+                          "(with model.rmt.memory_replay, which needs the torch engine, use precision='fp32')")
     return TorchEngine(model, cfg, layout)

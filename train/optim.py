@@ -37,43 +37,46 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig) -> to
 
 
 def grad_norm(params: list[nn.Parameter], tp_group=None) -> torch.Tensor:
-    """Global L2 norm of the gradients of the whole (unsplit) model.
+    """Global L2 norm of the gradients of the whole (unsplit) model, as a 0-dim fp32 tensor on their device.
 
     Split parameters contribute their slice on each TP rank, so their squares are summed over the TP
     group; replicated parameters (norms, meta tokens) carry the same gradient on every TP rank and
-    count once. The result equals the TP = 1 model's norm.
+    count once. The result equals the TP = 1 model's norm. Per-tensor norms come from one fused
+    `_foreach_norm` (fp32 accumulation), so there is no host sync until the caller reads the value.
     """
-    split = torch.zeros((), dtype=torch.float64)
-    replicated = torch.zeros((), dtype=torch.float64)
-    for p in params:
-        if p.grad is None:
-            continue
-        sq = p.grad.detach().double().pow(2).sum().cpu()
-        if partition_dim(p) is None:
-            replicated += sq
-        else:
-            split += sq
+    split = [p.grad for p in params if p.grad is not None and partition_dim(p) is not None]
+    replicated = [p.grad for p in params if p.grad is not None and partition_dim(p) is None]
+    device = (split or replicated)[0].device
+
+    def sum_sq(grads: list[torch.Tensor]) -> torch.Tensor:
+        if not grads:
+            return torch.zeros((), device=device, dtype=torch.float32)
+        return torch.stack(torch._foreach_norm(grads)).float().pow(2).sum()
+
+    split_sq = sum_sq(split)
     if tp_group is not None and dist.get_world_size(tp_group) > 1:
-        dist.all_reduce(split, group=tp_group)
-    return (split + replicated).sqrt()
+        dist.all_reduce(split_sq, group=tp_group)
+    return (split_sq + sum_sq(replicated)).sqrt()
 
 
 def clip_gradients(params: list[nn.Parameter], max_norm: float, tp_group=None) -> float:
     """Scale gradients so their global norm is at most `max_norm` (0: no clipping); returns the norm."""
-    norm = grad_norm(params, tp_group)
+    norm = float(grad_norm(params, tp_group))  # one host sync per step
     if max_norm > 0 and norm > max_norm:
-        scale = max_norm / (float(norm) + 1e-6)
-        for p in params:
-            if p.grad is not None:
-                p.grad.mul_(scale)
-    return float(norm)
+        torch._foreach_mul_([p.grad for p in params if p.grad is not None], max_norm / (norm + 1e-6))
+    return norm
 
 
 def average_gradients(params: list[nn.Parameter], dp_group) -> None:
     """Mean of the gradients over data-parallel ranks, one flat all-reduce."""
     if dp_group is None or dist.get_world_size(dp_group) == 1:
         return
-    grads = [p.grad for p in params if p.grad is not None]
+    # Every parameter takes part, with zeros where this rank produced no gradient, so the flat buffers
+    # have the same layout on every rank even when a code path skipped some weights on one of them.
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat, group=dp_group)
     flat /= dist.get_world_size(dp_group)

@@ -43,30 +43,45 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _agree(value: str) -> str:
+    """Rank 0's `value` on every rank (each rank's clock may name a different default run directory)."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def _is_weights_only(path: Path) -> bool:
     """An imported checkpoint: weights and config only, no optimizer, stream or RNG state."""
     return "imported_from" in json.loads((path / "meta.json").read_text())
 
 
 def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class Trainer:
     """Owns the model, optimizer, schedule, stream and run directory of one training run."""
 
-    def __init__(self, cfg: Config, run_dir: Path, *, resume: str = "none"):
+    def __init__(self, cfg: Config, run_dir: str | Path | None, *, resume: str = "none",
+                 default_run_dir: str = "runs/default"):
         self.cfg = cfg
-        self.run_dir = Path(run_dir)
         self.device = resolve_device(cfg.device)
         self.layout: Layout = init_parallel(cfg.parallel, self.device)
         self.is_main = self.layout.rank == 0
+        self.run_dir = Path(run_dir) if run_dir else Path(_agree(default_run_dir))
         seed_everything(cfg.seed)  # same on every rank: TP shards are cut from identical full weights
 
         self.stream = build_stream(cfg.data, dp_rank=self.layout.dp_rank, dp_size=self.layout.dp)
@@ -143,6 +158,11 @@ class Trainer:
 
     def _resume(self, path: Path) -> None:
         state, meta = load_checkpoint(path, self.layout.rank)
+        saved_model = meta["config"]["model"]
+        changed = sorted(k for k, v in dataclasses.asdict(self.cfg.model).items() if saved_model.get(k) != v)
+        if changed:
+            raise ConfigError(f"checkpoint {path} holds another model (model.{', model.'.join(changed)} differ): "
+                              f"resume with the checkpoint's config ({path.parent.parent / 'config.toml'})")
         if meta["layout"]["world"] != self.layout.world or meta["layout"]["tp"] != self.layout.tp:
             raise ConfigError(f"checkpoint {path} was written with layout {meta['layout']}, this run has "
                               f"{dataclasses.asdict(self.layout)}: resume with the same layout")
@@ -165,25 +185,28 @@ class Trainer:
         self.model.train()
         n = self._tokens_this_step()
         accum = len(batches)
-        total = torch.zeros((), dtype=torch.float64)
+        replay = self.cfg.model.memory == "rmt" and self.cfg.model.rmt.memory_replay
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
         for batch in batches:
             inputs = batch.inputs[:, :n].to(self.device)
             targets = batch.targets[:, :n].to(self.device)
-            if hasattr(self.model, "replay_backward") and self.cfg.model.rmt.memory_replay:
-                # memory replay runs its own segment-by-segment backward (torch engine only)
+            if replay:
+                # memory replay runs its own segment-by-segment backward (torch engine only); it sums the
+                # micro-batches' full gradients, scaled to their mean once below
                 loss = self.model.replay_backward(inputs, targets) / accum
-                for p in self.model.parameters():
-                    if p.grad is not None:
-                        p.grad.div_(accum)
             else:
                 loss = self.engine.module(inputs, targets).loss / accum
                 self.engine.backward(loss)
-            total += loss.detach().double().cpu()
+            total += loss.detach().float()
+        if replay and accum > 1:
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad.div_(accum)
         norm = self.engine.step()
         if self.layout.dp > 1:
             dist.all_reduce(total, group=data_parallel_group())
             total /= self.layout.dp
-        return float(total), norm
+        return float(total), norm  # the one host sync of the step
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -278,7 +301,8 @@ class Trainer:
             bar.close()
         if self.metrics is not None:
             self.metrics.close()
-        ckpt = self.save()
+        done = self.ckpt_root / f"step_{self.step:08d}"
+        ckpt = done if not losses and (done / "meta.json").is_file() else self.save()  # nothing new: keep it
         if self.writer is not None:
             self.writer.close()
         summary = {"steps": self.step, "interrupted": interrupted,

@@ -17,7 +17,12 @@ exactly (one pass == chained passes, also when pieces end mid-chunk). With chunk
 The initial state is differentiable (learned M_0 expanded over the batch).
 
 Backends: "chunked" (chunk-parallel torch, any device), "triton" (linear memory only; CUDA, or CPU under
-TRITON_INTERPRET=1), "reference" (naive chunk loop). "auto": triton on CUDA, chunked elsewhere.
+TRITON_INTERPRET=1), "reference" (naive chunk loop). "auto": chunked everywhere, until the Triton kernel has
+passed its GPU parity tests (tests/kernels/test_titans_triton.py, marked gpu) and a benchmark on a GPU.
+
+Precision: bf16/fp16 inputs are computed in fp32 (the gate products, b×b carry matrices and the carried
+state lose most of their digits in bf16: 7e-2 relative error at T = 256), y is returned in the input
+dtype and the state stays fp32 across calls.
 """
 from __future__ import annotations
 
@@ -44,6 +49,21 @@ def _check(q, k, v, theta, eta, alpha, chunk_size, chunk_offset):
                          f"{chunk_offset}")
 
 
+def _compute_precision(q, k, v, theta, eta, alpha, state):
+    """Inputs (and the state, nested tuples of tensors) in fp32 when q is bf16/fp16; fp32/fp64 unchanged."""
+    if q.dtype in (torch.float32, torch.float64):
+        return q, k, v, theta, eta, alpha, state
+
+    def up(x):
+        if x is None:
+            return None
+        if isinstance(x, (tuple, list)):
+            return type(x)(up(t) for t in x)
+        return x.float()
+
+    return (*(t.float() for t in (q, k, v, theta, eta, alpha)), up(state))
+
+
 def _triton_usable(x: torch.Tensor) -> bool:
     if x.is_cuda:
         return True
@@ -55,18 +75,23 @@ def linear_memory(q, k, v, theta, eta, alpha, *, chunk_size: int, state=None, ch
                   backend: str = "auto"):
     """Linear Titans memory M(x) = W x. Shapes in the module docstring. Returns (y, (W, S, W_anchor))."""
     _check(q, k, v, theta, eta, alpha, chunk_size, chunk_offset)
+    out_dtype = q.dtype
+    q, k, v, theta, eta, alpha, state = _compute_precision(q, k, v, theta, eta, alpha, state)
     if backend == "auto":
-        backend = "triton" if q.is_cuda else "chunked"
+        backend = "chunked"
     kw = dict(chunk_size=chunk_size, state=state, chunk_offset=chunk_offset)
     if backend == "chunked":
-        return linear_memory_chunked(q, k, v, theta, eta, alpha, **kw)
+        y, state = linear_memory_chunked(q, k, v, theta, eta, alpha, **kw)
+        return y.to(out_dtype), state
     if backend == "triton":
         if not _triton_usable(q):
             raise RuntimeError("backend='triton' needs CUDA tensors or TRITON_INTERPRET=1")
         from .triton_linear import linear_memory_triton   # imported lazily: TRITON_INTERPRET is read at import
-        return linear_memory_triton(q, k, v, theta, eta, alpha, **kw)
+        y, state = linear_memory_triton(q, k, v, theta, eta, alpha, **kw)
+        return y.to(out_dtype), state
     if backend == "reference":
-        return linear_memory_naive_chunks(q, k, v, theta, eta, alpha, **kw)
+        y, state = linear_memory_naive_chunks(q, k, v, theta, eta, alpha, **kw)
+        return y.to(out_dtype), state
     raise ValueError(f"unknown backend {backend!r}")
 
 
@@ -74,12 +99,16 @@ def deep_memory(q, k, v, theta, eta, alpha, *, chunk_size: int, state, chunk_off
                 backend: str = "auto"):
     """Deep (MLP) Titans memory; plain MLP W_L act(... act(W_1 x)). Returns (y, (weights, momenta, anchor))."""
     _check(q, k, v, theta, eta, alpha, chunk_size, chunk_offset)
+    out_dtype = q.dtype
+    q, k, v, theta, eta, alpha, state = _compute_precision(q, k, v, theta, eta, alpha, state)
     if backend in ("auto", "chunked", "triton"):   # no Triton kernel for the deep memory: chunked torch
-        return deep_memory_chunked(q, k, v, theta, eta, alpha, state, chunk_size=chunk_size,
-                                   chunk_offset=chunk_offset, act=act)
+        y, state = deep_memory_chunked(q, k, v, theta, eta, alpha, state, chunk_size=chunk_size,
+                                       chunk_offset=chunk_offset, act=act)
+        return y.to(out_dtype), state
     if backend == "reference":
-        return deep_memory_naive_chunks(q, k, v, theta, eta, alpha, state, chunk_size=chunk_size,
-                                        chunk_offset=chunk_offset, act=act)
+        y, state = deep_memory_naive_chunks(q, k, v, theta, eta, alpha, state, chunk_size=chunk_size,
+                                            chunk_offset=chunk_offset, act=act)
+        return y.to(out_dtype), state
     raise ValueError(f"unknown backend {backend!r}")
 
 

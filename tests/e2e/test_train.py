@@ -103,3 +103,29 @@ def test_deepspeed_dp2_exact_resume(tiny_dataset, tmp_path, zero):
     a = [m["loss"] for m in read_metrics(straight)][4:]
     b = [m["loss"] for m in read_metrics(resumed)]
     assert a == b
+
+
+def test_memory_replay_with_accumulation_equals_plain_bptt(tiny_dataset, tmp_path):
+    """Trainer.train_step with RMT memory replay and grad_accum = 2 updates the weights as plain BPTT does."""
+    import torch
+
+    from train.config import load_config
+    from train.trainer import Trainer
+
+    def one_step(replay: bool):
+        cfg = load_config(None, [
+            "model.memory=\"rmt\"", "model.rmt.segment_len=16", "model.rmt.num_memory=2", "model.d_model=32",
+            "model.n_layers=2", "model.n_heads=4", f"model.rmt.memory_replay={'true' if replay else 'false'}",
+            f"data.path=\"{tiny_dataset}\"", "data.seq_len=48", "data.batch_size=2", "optim.grad_accum=2",
+            "optim.lr=1e-3", "schedule.warmup_steps=0", "schedule.steps=1", "parallel.engine=\"torch\"",
+            "device=\"cpu\"", "logging.progress=false"])
+        trainer = Trainer(cfg, tmp_path / f"replay_{replay}")
+        stream = iter(trainer.stream)
+        loss, norm = trainer.train_step([next(stream), next(stream)])
+        return loss, norm, {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+    loss_a, norm_a, weights_a = one_step(replay=False)
+    loss_b, norm_b, weights_b = one_step(replay=True)
+    assert abs(loss_a - loss_b) < 1e-5 and abs(norm_a - norm_b) < 1e-5 * norm_a
+    for name, w in weights_a.items():
+        assert float((w - weights_b[name]).abs().max()) < 1e-6, name

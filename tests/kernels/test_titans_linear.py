@@ -200,3 +200,33 @@ def test_gradients_equal_autograd_of_spec(b, T, offset):
         assert r.abs().max().item() > 0 or name == "anchor", f"{name}: reference gradient is zero"
         err = max_rel_err(g, r)
         assert err < TOL, f"grad {name}: rel err {err:.3e}"
+
+
+def test_bf16_inputs_are_computed_in_fp32():
+    """bf16 in, fp32 inside: the output is as close to fp64 as bf16 rounding of the inputs allows."""
+    import torch
+    from kernels.titans import deep_memory, init_deep_memory, linear_memory
+    torch.manual_seed(0)
+    B, H, T, D = 1, 2, 512, 32
+    q, k, v = (torch.nn.functional.normalize(torch.randn(B, H, T, D), dim=-1) for _ in range(3))
+    # strong momentum: the carried state sums many terms, where bf16 arithmetic loses the most
+    theta, eta, alpha = torch.rand(B, H, T) * 0.1 + 0.05, torch.rand(B, H, T) * 0.1 + 0.85, torch.rand(B, H, T) * 0.02
+    args = [t.bfloat16() for t in (q, k, v, theta, eta, alpha)]
+    exact_args = [t.bfloat16().double() for t in (q, k, v, theta, eta, alpha)]  # same rounded inputs
+    y, state = linear_memory(*args, chunk_size=16)
+    want, _ = linear_memory(*exact_args, chunk_size=16)
+    assert y.dtype == torch.bfloat16 and state[0].dtype == torch.float32
+    rel = float((y.double() - want).norm() / want.norm())
+    assert rel < 5e-3, rel  # measured 1.7e-3 (bf16 rounding of y); arithmetic in bf16 gives 3.1e-2 here
+    # the deep memory diverges under that much momentum (a property of the dynamics, not the kernel):
+    # milder gates, T = 256; measured 1.7e-3 here against 1.5e-2 with bf16 arithmetic
+    T = 256
+    q, k, v = (t[:, :, :T] for t in (q, k, v))
+    theta, eta, alpha = torch.rand(B, H, T) * 0.05, torch.rand(B, H, T) * 0.3 + 0.6, torch.rand(B, H, T) * 0.05
+    args = [t.bfloat16() for t in (q, k, v, theta, eta, alpha)]
+    exact_args = [t.double() for t in args]
+    w0 = tuple(w.expand(B, *w.shape) for w in init_deep_memory(H, D, D, depth=2, expansion=2.0))
+    yd, _ = deep_memory(*args, chunk_size=16, state=(tuple(w.bfloat16() for w in w0), None))
+    wantd, _ = deep_memory(*exact_args, chunk_size=16, state=(tuple(w.bfloat16().double() for w in w0), None))
+    reld = float((yd.double() - wantd).norm() / wantd.norm())
+    assert reld < 5e-3, reld

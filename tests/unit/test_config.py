@@ -96,6 +96,10 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess:
     (["--config", "configs/demo.toml", "--set", "model.n_layerz=2"], "model.n_layerz"),
     (["--config", "configs/demo.toml", "--set", "parallel.tp=3"], "parallel.tp"),
     (["--set", "optim"], "KEY=VALUE"),
+    # an impossible layout: TP = 2 in a single process
+    (["--config", "configs/demo.toml", "--set", "parallel.tp=2", "--set", "data.path=\"/nonexistent\""], "world size"),
+    (["--config", "configs/demo.toml", "--set", "parallel.zero_stage=2", "--set", "parallel.engine=\"torch\""],
+     "parallel.zero_stage"),
 ])
 def test_cli_user_errors_are_one_line_exit_2(args, needle):
     proc = _run_cli(*args)

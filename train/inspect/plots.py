@@ -48,6 +48,9 @@ def plot_shares(rep: RegistersReport, path: Path, title: str = "") -> None:
     ax.plot(x, [r.share_first for r in rows], "o-", label="first text token")
     ax.plot(x, [r.share_outliers for r in rows], "^-", label=f"outliers (> {rep.k:g}× median norm)")
     ax.plot(x, [r.share_meta for r in rows], "s-", color=REGION_COLORS["meta"], label="meta tokens")
+    ax.plot(x, [r.uniform_first for r in rows], ":", color="tab:blue", label="first text, uniform baseline")
+    if rep.num_meta:
+        ax.plot(x, [r.uniform_meta for r in rows], ":", color=REGION_COLORS["meta"], label="meta, uniform baseline")
     if any(r.share_memory is not None for r in rows):
         ax.plot(x, [r.share_memory for r in rows], "d-", color=REGION_COLORS["read"], label="read memory")
     ax.set_xticks(x, [str(r.row) for r in rows])
@@ -62,21 +65,26 @@ def plot_shares(rep: RegistersReport, path: Path, title: str = "") -> None:
 
 
 def plot_attention_layer(probs: torch.Tensor, regions: dict, layer: int, path: Path, title: str = "") -> None:
-    """One block's maps `[H, N, N]` (one panel per head), colour on a log scale, memory regions outlined.
+    """One block's maps `[H, N, N]` (one panel per head), colour on a log scale, memory regions outlined, masked
+    keys white.
 
     Boundaries of each non-text region are drawn as coloured lines on both axes (queries: rows, keys: columns)."""
     H, N = probs.shape[0], probs.shape[-1]
     cols = min(H, 4)
     rws = (H + cols - 1) // cols
-    fig, axes = plt.subplots(rws, cols, figsize=(3.4 * cols, 3.4 * rws + 0.4), squeeze=False)
-    p = probs.double().clamp_min(1e-6).log10().numpy()
+    fig, axes = plt.subplots(rws, cols, figsize=(3.2 * cols + 1.0, 3.2 * rws + 0.9), squeeze=False,
+                             constrained_layout=True)
+    # masked (invisible) keys have probability exactly 0: drawn white, apart from visible-but-tiny ones
+    p = np.ma.masked_where(probs.numpy() == 0, probs.double().clamp_min(1e-12).log10().numpy())
+    cmap = matplotlib.colormaps["viridis"].copy()
+    cmap.set_bad("white")
     for h in range(rws * cols):
         ax = axes[h // cols][h % cols]
         if h >= H:
             ax.axis("off")
             continue
-        im = ax.imshow(p[h], cmap="viridis", vmin=-4, vmax=0, interpolation="nearest")
-        for name, (a, b) in regions.items():
+        im = ax.imshow(p[h], cmap=cmap, vmin=-4, vmax=0, interpolation="nearest")
+        for name, (a, b) in sorted(regions.items(), key=lambda kv: kv[0] == "meta"):  # meta drawn last, on top
             if name == "text" or b <= a:
                 continue
             c = REGION_COLORS.get(name, "white")

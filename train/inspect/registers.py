@@ -14,6 +14,8 @@ Definitions (per row, over every window of the batch and, for the RMT, every seg
   window, (c) the meta tokens (and, for the RMT, (d) the read memory). Each reported share is the plain mean of
   that mass over all (window, pass, head, query) — every query of every head weighs the same. In sliding-window
   layers the first text token is visible only to the first W queries, so its share there is small by construction.
+* uniform baselines: the same shares if every query spread its mass evenly over the keys it can see (1 / visible
+  keys each). A first-token share far above its baseline is an attention sink; near it, there is none.
 """
 from __future__ import annotations
 
@@ -55,6 +57,10 @@ class Row:
     share_outliers: float | None = None
     share_meta: float | None = None
     share_memory: float | None = None
+    uniform_first: float | None = None
+    """share_first if every query spread its mass evenly over the keys it can see (the no-sink baseline)."""
+    uniform_meta: float | None = None
+    """share_meta under the same uniform baseline."""
     text_norm_hist: list[float] = field(default_factory=list)
     """Quantiles 0, 5, 25, 50, 75, 95, 100 % of the text norms (for plots)."""
 
@@ -107,7 +113,8 @@ def analyse(trace: Trace, ids: torch.Tensor, decode, k: float = 10.0) -> Registe
                   [float(x) for x in meta_norms], int(all_text.numel()), int(sum(int(m.sum()) for m in out_masks)),
                   meta_out, text_norm_hist=[float(x) for x in q])
         if r < L and passes[0].probs:
-            row.share_first, row.share_outliers, row.share_meta, row.share_memory = _shares(passes, r, out_masks)
+            (row.share_first, row.share_outliers, row.share_meta, row.share_memory, row.uniform_first,
+             row.uniform_meta) = _shares(passes, r, out_masks)
         rows.append(row)
     return RegistersReport(k, num_meta, int(ids.shape[0]), int(ids.shape[1]), rows, outliers)
 
@@ -122,12 +129,15 @@ def query_shares(probs: torch.Tensor, regions: dict, outlier_mask: torch.Tensor)
     keymask[:, a:b] = outlier_mask.to(probs.dtype)
     m0, m1 = regions["meta"]
     r0, r1 = regions.get("read", (0, 0))
+    visible = (pq > 0).to(pq.dtype)  # float64 softmax: a visible key never underflows to exactly 0 here
+    uniform = visible / visible.sum(-1, keepdim=True)
     return {"first": pq[..., a], "outliers": (pq * keymask[:, None, None, :]).sum(-1),
-            "meta": pq[..., m0:m1].sum(-1), "memory": pq[..., r0:r1].sum(-1), "text": pq[..., a:b].sum(-1)}
+            "meta": pq[..., m0:m1].sum(-1), "memory": pq[..., r0:r1].sum(-1), "text": pq[..., a:b].sum(-1),
+            "uniform_first": uniform[..., a], "uniform_meta": uniform[..., m0:m1].sum(-1)}
 
 
-def _shares(passes, r: int, out_masks) -> tuple[float, float, float, float | None]:
-    sums = {"first": 0.0, "outliers": 0.0, "meta": 0.0, "memory": 0.0}
+def _shares(passes, r: int, out_masks) -> tuple:
+    sums = {"first": 0.0, "outliers": 0.0, "meta": 0.0, "memory": 0.0, "uniform_first": 0.0, "uniform_meta": 0.0}
     count = 0
     for p, mask in zip(passes, out_masks):
         if p.regions["text"][1] - p.regions["text"][0] < 2:
@@ -137,10 +147,10 @@ def _shares(passes, r: int, out_masks) -> tuple[float, float, float, float | Non
             sums[key] += float(s[key].sum())
         count += s["first"].numel()
     if count == 0:
-        return None, None, None, None
+        return None, None, None, None, None, None
     has_memory = "read" in passes[0].regions
     return (sums["first"] / count, sums["outliers"] / count, sums["meta"] / count,
-            sums["memory"] / count if has_memory else None)
+            sums["memory"] / count if has_memory else None, sums["uniform_first"] / count, sums["uniform_meta"] / count)
 
 
 def _fmt(x: float | None, pct: bool = False) -> str:
@@ -156,16 +166,19 @@ def markdown(rep: RegistersReport, title: str = "Registers", max_outliers: int =
              f"{rep.num_windows} window(s) of {rep.tokens_per_window} text tokens; {rep.num_meta} meta tokens; "
              f"outlier = text norm > k × the row's median text norm, k = {rep.k:g}. Row *block l input* is the "
              f"residual stream block l's attention reads; shares are block l's attention mass, averaged over "
-             f"windows, heads and text queries (the first text query excluded).", "",
+             f"windows, heads and text queries (the first text query excluded); (uniform) = the share if every query "
+             f"spread its mass evenly over the keys it sees.", "",
              "| row | median text norm | p95 / max text norm | meta norms (min–max) | outliers (text) | meta > k·median "
-             "| attn → first text | attn → outliers | attn → meta |" + (" attn → read memory |" if mem else ""),
+             "| attn → first text (uniform) | attn → outliers | attn → meta (uniform) |"
+             + (" attn → read memory |" if mem else ""),
              "|---|---|---|---|---|---|---|---|---|" + ("---|" if mem else "")]
     for r in rep.rows:
         meta = f"{min(r.meta_norms):.3g}–{max(r.meta_norms):.3g}" if r.meta_norms else "–"
         pct = 100 * r.num_outliers / max(1, r.num_text)
         lines.append(f"| {r.name} | {r.text_median:.3g} | {r.text_p95:.3g} / {r.text_max:.3g} | {meta} | "
-                     f"{r.num_outliers} ({pct:.1f}%) | {r.meta_outliers} | {_fmt(r.share_first, True)} | "
-                     f"{_fmt(r.share_outliers, True)} | {_fmt(r.share_meta, True)} |"
+                     f"{r.num_outliers} ({pct:.1f}%) | {r.meta_outliers} | {_fmt(r.share_first, True)} "
+                     f"({_fmt(r.uniform_first, True)}) | {_fmt(r.share_outliers, True)} | {_fmt(r.share_meta, True)} "
+                     f"({_fmt(r.uniform_meta, True)}) |"
                      + (f" {_fmt(r.share_memory, True)} |" if mem else ""))
     lines += ["", f"## Outliers (strongest {max_outliers} of {len(rep.outliers)})", ""]
     if not rep.outliers:
