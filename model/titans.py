@@ -122,7 +122,8 @@ class TitansBlock(nn.Module):
         self.segment_len = cfg.titans.segment_len
         self.rope_theta = cfg.rope_theta
         self.backend = cfg.attention_backend
-        self.mem_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        if self.kind != "mag":  # MAG feeds the memory the attention branch's normalised input
+            self.mem_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         if self.kind != "lmm":
             self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
             self.attn = Attention(cfg, factory, layer)

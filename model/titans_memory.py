@@ -1,6 +1,6 @@
 """The Titans neural long-term memory as a layer (Titans §3.1, eqs. 8-15; DESIGN.md §2).
 
-    x [B, n, D] --qkv (column)--> [short depthwise causal conv] --> q, k = ℓ2norm(SiLU(.)), v     per memory head
+    x [B, n, D] --query, kv (columns)--> [short depthwise causal conv] --> q, k = ℓ2norm(SiLU(.)), v   per head
     x [B, n, D] --gates (column)--> θ, η, α = sigmoid(.)                                          per token, per head
     y = M_t(q_t) after the update of token t (kernels.titans.linear_memory / deep_memory)          [B, H, n, Dh]
     out = y --out (row)--> [B, n, D]
@@ -67,8 +67,9 @@ def _logit(p: float) -> float:
 class TitansMemory(nn.Module):
     """One Titans memory layer: `forward(x [B, n, D], state) -> (out [B, n, D], MemoryState)`.
 
-    Parameters (this rank's heads Hl = H / tp): `qkv` column D -> 3·H·Dh, `gates` column D -> 3·H (with bias),
-    `conv_weight` `[3·Hl·Dh, K]`, `init_weights[l]` `[Hl, out_l, in_l]` (M_0), `out` row H·Dh -> D.
+    Parameters (this rank's heads Hl = H / tp): `query` column D -> H·Dh, `kv` column D -> 2·H·Dh, `gates` column
+    D -> 3·H (with bias), `conv_q` `[Hl·Dh, K]` and `conv_kv` `[2·Hl·Dh, K]`, `init_weights[l]` `[Hl, out_l, in_l]`
+    (M_0), `out` row H·Dh -> D. The query has its own projection so MAC retrieval computes only queries.
     """
 
     def __init__(self, cfg: ModelConfig, factory: LayerFactory):
@@ -82,19 +83,19 @@ class TitansMemory(nn.Module):
         self.chunk_size, self.depth, self.act = t.chunk_size, t.memory_depth, t.memory_act
         self.backend = t.memory_backend
         self.conv_size = t.conv_size
-        # Head-major layouts ([head, (q|k|v), Dh] and [head, (θ|η|α)]): a contiguous TP slice holds whole heads.
-        self.qkv = factory.column(cfg.d_model, H * 3 * Dh, std=cfg.init_std)
+        # Head-major layouts ([head, Dh], [head, (k|v), Dh], [head, (θ|η|α)]): a contiguous TP slice = whole heads.
+        self.query = factory.column(cfg.d_model, H * Dh, std=cfg.init_std)
+        self.kv = factory.column(cfg.d_model, H * 2 * Dh, std=cfg.init_std)
         self.gates = factory.column(cfg.d_model, H * 3, std=cfg.init_std, bias=True)
         with torch.no_grad():  # sigmoid(bias) = the configured initial gates (zero bias would forget half per token)
             bias = torch.tensor([_logit(t.theta_init), _logit(t.eta_init), _logit(t.alpha_init)])
             self.gates.bias.copy_(bias.repeat(self.heads).to(self.gates.bias))
         if self.conv_size:
             # Starts close to the identity (tap on the current token = 1): the conv is an optional refinement.
-            full = torch.randn(H * 3 * Dh, self.conv_size) * cfg.init_std
-            full[:, -1] += 1.0
-            self.conv_weight = _mark_split(nn.Parameter(full.chunk(tp, dim=0)[rank].clone()))
-        else:
-            self.register_parameter("conv_weight", None)
+            for name, width in (("conv_q", H * Dh), ("conv_kv", H * 2 * Dh)):
+                full = torch.randn(width, self.conv_size) * cfg.init_std
+                full[:, -1] += 1.0
+                setattr(self, name, _mark_split(nn.Parameter(full.chunk(tp, dim=0)[rank].clone())))
         init = init_deep_memory(H, Dh, Dh, depth=t.memory_depth, expansion=t.memory_expansion)
         self.init_weights = nn.ParameterList(
             _mark_split(nn.Parameter(w.chunk(tp, dim=0)[rank].clone())) for w in init)
@@ -108,19 +109,20 @@ class TitansMemory(nn.Module):
         memory = (weights[0], torch.zeros_like(weights[0])) if self.depth == 1 else (tuple(weights), None)
         conv = None
         if self.conv_size:
-            conv = weights[0].new_zeros(batch, self.conv_size - 1, self.conv_weight.shape[0])
+            conv = weights[0].new_zeros(batch, self.conv_size - 1, 3 * self.heads * self.head_dim)
         return MemoryState(memory, conv, 0)
 
     def _conv(self, z: torch.Tensor, tail: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Depthwise causal conv over time: z `[B, n, C]`, tail `[B, K-1, C]` (the previous K-1 inputs)."""
         zz = torch.cat([tail.to(z.dtype), z], dim=1)  # [B, K-1+n, C]
-        out = F.conv1d(zz.transpose(1, 2), self.conv_weight.unsqueeze(1), groups=zz.shape[-1])
+        weight = torch.cat([self.conv_q, self.conv_kv]).unsqueeze(1)  # [C, 1, K], channels as in z
+        out = F.conv1d(zz.transpose(1, 2), weight, groups=zz.shape[-1])
         return out.transpose(1, 2), zz[:, zz.shape[1] - (self.conv_size - 1):]
 
     def project_query(self, x: torch.Tensor) -> torch.Tensor:
         """Queries only, without the conv (MAC retrieval: a pointwise read): x `[B, n, D]` -> `[B, Hl, n, Dh]`."""
         B, n, _ = x.shape
-        q = self.qkv(x).view(B, n, self.heads, 3, self.head_dim)[:, :, :, 0]
+        q = self.query(x).view(B, n, self.heads, self.head_dim)
         return F.normalize(F.silu(q), dim=-1).transpose(1, 2)
 
     def read(self, memory, q: torch.Tensor) -> torch.Tensor:
@@ -155,14 +157,15 @@ class TitansMemory(nn.Module):
         B, n, _ = x.shape
         if state is None:
             state = self.initial_state(B)
-        z = self.qkv(x)  # [B, n, 3·Hl·Dh]
+        Hl, Dh = self.heads, self.head_dim
+        z = torch.cat([self.query(x), self.kv(x)], dim=-1)  # [B, n, 3·Hl·Dh]: [q heads | (k, v) heads]
         conv = state.conv
         if self.conv_size:
             z, conv = self._conv(z, conv)
-        z = z.view(B, n, self.heads, 3, self.head_dim).transpose(1, 2)  # [B, Hl, n, 3, Dh]
-        q = F.normalize(F.silu(z[..., 0, :]), dim=-1)
-        k = F.normalize(F.silu(z[..., 1, :]), dim=-1)
-        v = z[..., 2, :]
+        q = F.normalize(F.silu(z[..., :Hl * Dh].view(B, n, Hl, Dh)), dim=-1).transpose(1, 2)  # [B, Hl, n, Dh]
+        kv = z[..., Hl * Dh:].view(B, n, Hl, 2, Dh).transpose(1, 2)
+        k = F.normalize(F.silu(kv[..., 0, :]), dim=-1)
+        v = kv[..., 1, :]
         g = torch.sigmoid(self.gates(x)).view(B, n, self.heads, 3).permute(3, 0, 2, 1)  # [3, B, Hl, n]
         kernel = linear_memory if self.depth == 1 else deep_memory
         kw = dict(chunk_size=self.chunk_size, state=state.memory, chunk_offset=state.seen % self.chunk_size,
