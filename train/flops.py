@@ -6,7 +6,14 @@ N_matmul counts the weights of every matrix multiply of the whole model (all TP 
 included, embedding lookups and norms excluded); 6 = 2 (multiply-add) × 3 (forward, backward for inputs
 and for weights). C_layer is the number of keys a query attends to: the sequence (plus meta tokens) in a
 global layer, window + meta tokens in a windowed one — counted over the whole sequence as PaLM does, not
-halved for causality. Memory models add their inner update work through `extra_flops_per_token`.
+halved for causality. Per memory kind:
+
+- rmt: every segment of L text tokens runs P + 2M positions more (meta, read and write memory), so the
+  whole count is scaled by (P + 2M + L) / L, and C = P + 2M + L.
+- Titans: C is 0 for lmm (no attention), P + 2L for mac ([persistent ‖ retrieved ‖ segment]), and as above
+  for mag / mal. The memory's inner work per text token, layer and memory head, for memory weights W_l:
+  8·Σ|W_l| (forward of the key, backward to the weight gradient, read-out of the query) plus 4·b·Dh for
+  the chunk-parallel coefficient matmuls (QKᵀ and the carry over the chunk of b), × 3 for training.
 """
 from __future__ import annotations
 
@@ -15,7 +22,8 @@ import time
 import torch
 from torch import nn
 
-FORMULA = "6*N_matmul + sum_layers 6*H*(d_qk+d_v)*C_layer + memory_inner_work (DESIGN.md §7)"
+FORMULA = ("(6*N_matmul + sum_layers 6*H*(d_qk+d_v)*C_layer) * positions_per_text_token"
+           " + titans_memory_inner_work (DESIGN.md §7; train/flops.py)")
 
 # Dense bf16 tensor-core peaks (no sparsity) of common accelerators, FLOP/s.
 _GPU_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
@@ -37,16 +45,45 @@ def matmul_weights(model: nn.Module, tp_size: int = 1) -> int:
     return total
 
 
+def attention_keys(cfg, layer: int, seq_len: int) -> int:
+    """Keys each position of `layer` attends to, counted as PaLM does (not halved for causality)."""
+    P = cfg.num_meta_tokens
+    if cfg.memory == "rmt":
+        return P + 2 * cfg.rmt.num_memory + min(cfg.rmt.segment_len, seq_len)
+    if cfg.memory == "lmm":
+        return 0
+    if cfg.memory == "mac":
+        return P + 2 * min(cfg.titans.segment_len, seq_len)
+    window = cfg.layer_window(layer)
+    return (min(window, seq_len) if window else seq_len) + P
+
+
+def titans_memory_flops_per_token(cfg) -> float:
+    """Training FLOPs of the Titans memory's own update and read-out, per text token (all layers, heads)."""
+    t = cfg.titans
+    dh = t.head_dim(cfg.d_model)
+    if t.memory_depth == 1:
+        weights = dh * dh
+    else:
+        hidden = max(1, int(round(t.memory_expansion * dh)))
+        dims = [dh] + [hidden] * (t.memory_depth - 1) + [dh]
+        weights = sum(dims[i] * dims[i + 1] for i in range(t.memory_depth))
+    per_head = 8 * weights + 4 * t.chunk_size * dh
+    return 3.0 * cfg.n_layers * t.memory_heads * per_head
+
+
 def flops_per_token(model: nn.Module, seq_len: int, tp_size: int = 1) -> float:
     """Training FLOPs per text token of `model` at sequence length `seq_len` (formula in FORMULA)."""
     cfg = model.cfg
-    attention = 0.0
-    for layer in range(cfg.n_layers):
-        window = cfg.layer_window(layer)
-        keys = (min(window, seq_len) if window else seq_len) + cfg.num_meta_tokens
-        attention += 6 * cfg.n_heads * (2 * cfg.head_dim) * keys
-    extra = model.extra_flops_per_token(seq_len) if hasattr(model, "extra_flops_per_token") else 0.0
-    return 6.0 * matmul_weights(model, tp_size) + attention + extra
+    attention = sum(6 * cfg.n_heads * (2 * cfg.head_dim) * attention_keys(cfg, layer, seq_len)
+                    for layer in range(cfg.n_layers))
+    dense = 6.0 * matmul_weights(model, tp_size) + attention
+    if cfg.memory == "rmt":
+        L = min(cfg.rmt.segment_len, seq_len)
+        dense *= (cfg.num_meta_tokens + 2 * cfg.rmt.num_memory + L) / L
+    if cfg.memory in ("lmm", "mac", "mag", "mal"):
+        dense += titans_memory_flops_per_token(cfg)
+    return dense
 
 
 def peak_flops(device: torch.device, override_tflops: float = 0.0) -> tuple[float, str]:

@@ -28,3 +28,21 @@ def test_peak_override_and_measured_rate():
     assert peak_flops(torch.device("cpu"), 2.5) == (2.5e12, "logging.peak_tflops")
     rate, source = peak_flops(torch.device("cpu"))
     assert rate > 1e8 and "measured" in source
+
+
+def test_memory_models_count_their_extra_work():
+    base = dict(vocab_size=128, d_model=32, n_layers=2, n_heads=4, ffn_hidden=64, num_meta_tokens=2,
+                attention_backend="reference")
+    plain = build_model(ModelConfig(**base))
+    T = 64
+    from model.rmt_config import RMTConfig
+    rmt = build_model(ModelConfig(**base, memory="rmt", rmt=RMTConfig(segment_len=16, num_memory=3)))
+    per_pos = 6 * matmul_weights(rmt) + 2 * 6 * 4 * 16 * (2 + 2 * 3 + 16)
+    assert flops_per_token(rmt, T) == per_pos * (2 + 2 * 3 + 16) / 16
+
+    lmm = build_model(ModelConfig(**base, memory="lmm"))
+    t = lmm.cfg.titans
+    dh = t.head_dim(32)
+    memory = 3 * 2 * t.memory_heads * (8 * dh * dh + 4 * t.chunk_size * dh)  # linear memory (depth 1)
+    assert flops_per_token(lmm, T) == 6 * matmul_weights(lmm) + memory  # no attention in LMM blocks
+    assert flops_per_token(plain, T) == 6 * matmul_weights(plain) + 2 * 6 * 4 * 16 * (T + 2)
