@@ -30,5 +30,9 @@ class ParallelConfig:
     """Who runs the optimizer step: deepspeed, torch (plain loop), or auto (deepspeed when more than one
     process or zero_stage > 0, else torch)."""
 
+    activation_checkpoint_interval: int = 0
+    """Pipeline engine: recompute every k consecutive blocks in the backward instead of storing their
+    activations (1 = every block, 0 = off)."""
+
     zero_stage: int = 0
     """DeepSpeed ZeRO stage 0-3 (partitions optimizer state, gradients, parameters over data parallel)."""

@@ -39,7 +39,7 @@ def resolve_layout(cfg: ParallelConfig, world: int, rank: int = 0, *, n_layers: 
     if cfg.tp < 1 or world % cfg.tp:
         raise LayoutError(f"parallel.tp={cfg.tp} does not divide the world size {world}: "
                           f"launch a multiple of {cfg.tp} processes or change parallel.tp")
-    pp = getattr(cfg, "pp", 1)
+    pp = cfg.pp
     if pp < 1 or world % (cfg.tp * pp):
         raise LayoutError(f"parallel.pp={pp} × parallel.tp={cfg.tp} does not divide the world size {world}: "
                           f"launch a multiple of {cfg.tp * max(pp, 1)} processes or change parallel.pp")

@@ -33,7 +33,8 @@ from torch import nn
 
 from model.transformer import DecoderLM
 
-from .groups import Layout, LayoutError
+from .config import LayoutError
+from .groups import Layout
 
 TIED_KEY = "tokens"
 
@@ -137,6 +138,10 @@ def build_pipeline(model: DecoderLM, layout: Layout, *, activation_checkpoint_in
     coord = topology.get_coord(layout.rank)
     if (coord.pipe, coord.data, coord.model) != (layout.pp_rank, layout.dp_rank, layout.tp_rank):
         raise RuntimeError(f"rank {layout.rank}: DeepSpeed topology {coord} disagrees with the layout {layout}")
+    from megatron.core import parallel_state as ps
+    if ps.model_parallel_is_initialized() and (ps.get_pipeline_model_parallel_rank(), ps.get_data_parallel_rank(),
+                                               ps.get_tensor_model_parallel_rank()) != tuple(coord):
+        raise RuntimeError(f"rank {layout.rank}: megatron-core's groups disagree with DeepSpeed's topology {coord}")
     return PipelineModule(
         layers=layers, topology=topology, loss_fn=PipelineLoss(model.factory),
         partition_method=partition_method or f"type:^({'|'.join(block_types)})$",
@@ -209,7 +214,6 @@ class PipelineEngine:
                                    zero_stage=self.zero_stage, grad_clip=0.0 if self.own_clip else self.grad_clip,
                                    bf16=bf16)
         self.json["pipeline"] = {"activation_checkpoint_interval": activation_checkpoint_interval}
-        self.json["train_batch_size"] = cfg.data.batch_size * cfg.optim.grad_accum * layout.dp
         if layout.rank == 0 and run_dir is not None:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "deepspeed.json").write_text(json.dumps(self.json, indent=2))

@@ -127,7 +127,7 @@ class Config:
                            ("parallel.tp", p.tp), ("schedule.steps", self.schedule.steps),
                            ("logging.every", self.logging.every), ("checkpoint.keep", self.checkpoint.keep),
                            ("logging.eval_batches", self.logging.eval_batches),
-                           ("parallel.timeout_s", p.timeout_s)):
+                           ("parallel.timeout_s", p.timeout_s), ("parallel.pp", p.pp)):
             if value <= 0:
                 raise ConfigError(f"{key} must be positive, got {value}")
         if self.precision not in ("auto", "fp32", "bf16"):
@@ -138,6 +138,20 @@ class Config:
             raise ConfigError(f"parallel.zero_stage={p.zero_stage} must be 0, 1, 2 or 3")
         if p.zero_stage and p.engine == "torch":
             raise ConfigError(f"parallel.zero_stage={p.zero_stage} needs parallel.engine='deepspeed' (or 'auto')")
+        if p.pp > 1:
+            if p.engine == "torch":
+                raise ConfigError(f"parallel.pp={p.pp} runs on DeepSpeed's pipeline engine: set parallel.engine="
+                                  f"'deepspeed' or 'auto'")
+            if m.memory != "none":
+                raise ConfigError(f"parallel.pp={p.pp} supports model.memory='none' only so far "
+                                  f"(got {m.memory!r}): set parallel.pp=1")
+            if p.pp > m.n_layers:
+                raise ConfigError(f"parallel.pp={p.pp} is more pipeline stages than model.n_layers={m.n_layers}")
+            if p.zero_stage > 1:
+                raise ConfigError(f"parallel.zero_stage={p.zero_stage} cannot run with parallel.pp={p.pp} "
+                                  f"(DeepSpeed's pipeline takes ZeRO 0 or 1): set parallel.zero_stage=1")
+        if p.activation_checkpoint_interval < 0:
+            raise ConfigError("parallel.activation_checkpoint_interval must be >= 0")
         if self.optim.grad_accum < 1:
             raise ConfigError(f"optim.grad_accum must be >= 1, got {self.optim.grad_accum}")
         if m.memory == "rmt":

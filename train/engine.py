@@ -25,6 +25,8 @@ from .optim import average_gradients, build_optimizer, build_scheduler, clip_gra
 
 def use_deepspeed(cfg: Config, layout: Layout) -> bool:
     engine = cfg.parallel.engine
+    if layout.pp > 1:
+        return True  # the pipeline schedule is DeepSpeed's
     if engine == "auto":
         replay = cfg.model.memory == "rmt" and cfg.model.rmt.memory_replay  # runs its own backward
         return (layout.world > 1 or cfg.parallel.zero_stage > 0) and not replay
@@ -146,6 +148,9 @@ def build_engine(model: nn.Module, cfg: Config, layout: Layout, run_dir: Path | 
     from launch.deepspeed_config import bf16_supported
     if use_deepspeed(cfg, layout):
         bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and bf16_supported(device))
+        if layout.pp > 1:
+            from launch.pipeline import PipelineEngine
+            return PipelineEngine(model, cfg, layout, run_dir, bf16)
         return DeepSpeedEngine(model, cfg, layout, run_dir, bf16)
     if cfg.precision == "bf16":  # "auto" means fp32 for the plain torch loop
         raise ConfigError("precision='bf16' needs the DeepSpeed engine: set parallel.engine='deepspeed' "

@@ -79,7 +79,7 @@ class Trainer:
                  default_run_dir: str = "runs/default"):
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
-        self.layout: Layout = init_parallel(cfg.parallel, self.device)
+        self.layout: Layout = init_parallel(cfg.parallel, self.device, n_layers=cfg.model.n_layers)
         self.is_main = self.layout.rank == 0
         self.run_dir = Path(run_dir) if run_dir else Path(_agree(default_run_dir))
         seed_everything(cfg.seed)  # same on every rank: TP shards are cut from identical full weights
@@ -163,7 +163,8 @@ class Trainer:
         if changed:
             raise ConfigError(f"checkpoint {path} holds another model (model.{', model.'.join(changed)} differ): "
                               f"resume with the checkpoint's config ({path.parent.parent / 'config.toml'})")
-        if meta["layout"]["world"] != self.layout.world or meta["layout"]["tp"] != self.layout.tp:
+        if (meta["layout"]["world"] != self.layout.world or meta["layout"]["tp"] != self.layout.tp
+                or meta["layout"].get("pp", 1) != self.layout.pp):
             raise ConfigError(f"checkpoint {path} was written with layout {meta['layout']}, this run has "
                               f"{dataclasses.asdict(self.layout)}: resume with the same layout")
         self.engine.load(path, state)
@@ -185,6 +186,9 @@ class Trainer:
         self.model.train()
         n = self._tokens_this_step()
         accum = len(batches)
+        if hasattr(self.engine, "train_batch"):  # pipeline: DeepSpeed runs every micro-batch of the step itself
+            loss = self.engine.train_batch(batches, tokens=n)  # averaged over micro-batches and DP already
+            return loss, self.engine.step()
         replay = self.cfg.model.memory == "rmt" and self.cfg.model.rmt.memory_replay
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         for batch in batches:
@@ -213,6 +217,8 @@ class Trainer:
         """Mean loss over the first `logging.eval_batches` batches of the val stream (same ones every time)."""
         self.model.eval()
         stream = iter(build_stream(self.cfg.data, dp_rank=self.layout.dp_rank, dp_size=self.layout.dp, split="val"))
+        if hasattr(self.engine, "eval_batch"):  # pipeline: stages pass activations, DeepSpeed averages over DP
+            return self.engine.eval_batch([next(stream) for _ in range(self.cfg.logging.eval_batches)])
         total = torch.zeros((), dtype=torch.float64)
         for _ in range(self.cfg.logging.eval_batches):
             batch = next(stream)

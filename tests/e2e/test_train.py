@@ -66,15 +66,17 @@ def test_resume_continues_the_same_run(tiny_dataset, tmp_path):
 
 
 @pytest.mark.slow
-def test_tensor_parallel_run_matches_single_process(tiny_dataset, tmp_path):
-    single = tmp_path / "tp1"
+@pytest.mark.parametrize("layout", ["parallel.tp=2", "parallel.pp=2"])
+def test_model_parallel_run_matches_single_process(tiny_dataset, tmp_path, layout):
+    """Tensor- or pipeline-parallel training over 2 ranks follows the single-process run step by step."""
+    single = tmp_path / "single"
     train(tiny_dataset, single, steps=8)
-    tp2 = tmp_path / "tp2"
+    parallel = tmp_path / "parallel"
     from tests.dist.spawn import free_port
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                 "--master-port", str(free_port())]
-    train(tiny_dataset, tp2, "--set", "parallel.tp=2", steps=8, launcher=launcher)
-    a, b = read_metrics(single), read_metrics(tp2)
+    train(tiny_dataset, parallel, "--set", layout, steps=8, launcher=launcher)
+    a, b = read_metrics(single), read_metrics(parallel)
     for x, y in zip(a, b, strict=True):
         assert abs(x["loss"] - y["loss"]) < 1e-4, (x, y)
         assert abs(x["grad_norm"] - y["grad_norm"]) < 1e-4 * max(1.0, x["grad_norm"]), (x, y)

@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Sequence
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -140,6 +141,7 @@ def plot_experiment(labels: Sequence[str], reports: Sequence[RegistersReport], p
         ax.set_xlabel("block")
     axes[2].set_xlabel("stream entering block (last = out)")
     for ax in axes:
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.legend(fontsize=7)
     fig.tight_layout()
     p = Path(f"{path_prefix}_by_layer.png")
