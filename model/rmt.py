@@ -48,6 +48,7 @@ from .config import ModelConfig
 from .factory import LayerFactory
 from .layers import RMSNorm, rotary_tables
 from .rmt_config import RMTConfig, segments_for_step, tokens_for_step
+from .generation import greedy_generate
 from .transformer import DecoderLM, LMOutput
 
 __all__ = ["RMTDecoderLM", "RMTState", "RMTConfig", "segments_for_step", "tokens_for_step", "write_mask"]
@@ -304,18 +305,7 @@ class RMTDecoderLM(DecoderLM):
                  state: RMTState | None = None) -> tuple[torch.Tensor, RMTState]:
         """Greedy decoding with the memory carried: prompt `[B, T0]` -> (prompt + new tokens `[B, T0 + n]`,
         state after them). Each step reruns the segment in progress (no KV cache): O(L) work per token."""
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        out = self(prompt, state=state)
-        tokens = [prompt]
-        for _ in range(max_new_tokens):
-            last = out.logits[:, -1:]
-            if self.factory.tp_size > 1:
-                last = self.factory.gather_logits(last)[..., : self.cfg.vocab_size]
-            nxt = last[:, 0].argmax(-1, keepdim=True).to(prompt.dtype)
-            tokens.append(nxt)
-            out = self(nxt, state=out.state)
-        return torch.cat(tokens, dim=1), out.state
+        return greedy_generate(self, prompt, max_new_tokens, state)
 
     def stages(self) -> list[nn.Module]:
         raise NotImplementedError("the RMT runs segment after segment through all blocks: it has no pipeline "

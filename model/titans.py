@@ -48,6 +48,7 @@ from .config import TITANS_KINDS, ModelConfig
 from .factory import LayerFactory
 from .layers import Attention, RMSNorm, SwiGLU, apply_rotary, rotary_tables
 from .titans_memory import MemoryState, TitansMemory, tree_map
+from .generation import greedy_generate
 from .transformer import DecoderLM, Embed, Head, LMOutput
 
 __all__ = ["TitansDecoderLM", "TitansBlock", "TitansState", "TitansLayerState", "TitansMemory"]
@@ -312,15 +313,4 @@ class TitansDecoderLM(DecoderLM):
 
         The prompt runs in one call; every new token is one `forward` call of length 1 whose state is the KV
         cache plus the memory: O(P + W) attention work per token (MAC: O(P + L)), plus one memory step."""
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        out = self(prompt, state=state)
-        tokens = [prompt]
-        for _ in range(max_new_tokens):
-            last = out.logits[:, -1:]
-            if self.factory.tp_size > 1:
-                last = self.factory.gather_logits(last)[..., : self.cfg.vocab_size]
-            nxt = last[:, 0].argmax(-1, keepdim=True).to(prompt.dtype)
-            tokens.append(nxt)
-            out = self(nxt, state=out.state)
-        return torch.cat(tokens, dim=1), out.state
+        return greedy_generate(self, prompt, max_new_tokens, state)
