@@ -36,7 +36,7 @@ demo: setup $(DEMO_DATA)/manifest.json
 
 bench: setup $(DEMO_DATA)/manifest.json
 	$(PY) benchmarks/attention.py --quick
-	$(PY) benchmarks/data_stream.py $(DEMO_DATA)
+	$(PY) benchmarks/data.py $(DEMO_DATA)
 
 clean:
 	rm -rf $(VENV) runs data_cache

@@ -1,4 +1,4 @@
-"""`python benchmarks/data_stream.py [DIR]`: one JSON line per measurement; stream tokens/s per worker from shards on disk, and prepare's tokenize rate.
+"""`python benchmarks/data.py [DIR]`: one JSON line per measurement; stream tokens/s per worker from shards on disk, and prepare's tokenize rate.
 
 The stream target is >= 5M tokens/s per worker (a worker is one `SlotReader`, i.e. one DataLoader process);
 the reader is measured alone and through `Stream` (tensor conversion included, num_workers=0).
@@ -7,9 +7,16 @@ Default DIR: data_cache/stdlib (made by `python -m data.prepare --source stdlib 
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 
-from data.config import DataConfig
+# Run as a script, this file's folder comes first on sys.path and its name would hide the `data` package.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+sys.path.insert(0, os.path.dirname(_HERE))
+
+from data.config import DataConfig  # noqa: E402
 from data.errors import ArgumentParser, run_cli
 from data.manifest import check_tokenizer, load_manifest
 from data.reader import SlotReader
@@ -27,7 +34,7 @@ def _rate(step, tokens_per_step: int, seconds: float) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = ArgumentParser(prog="python benchmarks/data_stream.py", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python benchmarks/data.py", description=__doc__.split("\n\n")[0])
     p.add_argument("dir", nargs="?", default="data_cache/stdlib")
     p.add_argument("--seconds", type=float, default=3.0, help="time per measurement")
     args = p.parse_args(argv)
