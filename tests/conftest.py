@@ -11,6 +11,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+# DeepSpeed JIT-compiles a shared-memory CPU op on its first start. torch's builder waits forever on the
+# lock file of a build that was killed, and ~/.cache outlives a test run: keep the build in the checkout
+# (inherited by every rank the tests start), so a fresh clone never meets a stale lock.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, ".cache", "torch_extensions"))
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

@@ -135,7 +135,7 @@ def test_bf16_export_with_several_shards(exported, tmp_path):
     out = tmp_path / "bf16"
     proc = subprocess.run([sys.executable, "-m", "train.export_hf", "--checkpoint", str(run), "--out", str(out),
                            "--dtype", "bf16", "--max-shard-size", "100KB"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1

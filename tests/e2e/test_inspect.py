@@ -23,7 +23,7 @@ def trained(tiny_dataset, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("inspect") / "run"
     proc = subprocess.run([sys.executable, "-m", "train", "--config", "configs/demo.toml", *TINY,
                            "--set", f"data.path=\"{tiny_dataset}\"", "--run-dir", str(run)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return run
 
@@ -37,7 +37,7 @@ def text_file(tmp_path_factory) -> Path:
 
 def inspect(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "train.inspect", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=900)
 
 
 def test_registers_and_attention_on_a_trained_checkpoint(trained, text_file, tmp_path):

@@ -23,8 +23,10 @@ def train_args(dataset: Path, run_dir: Path, steps: int, *extra: str) -> list[st
 @pytest.mark.slow
 def test_two_nodes_on_one_machine_match_one_node(tiny_dataset, tmp_path):
     one = tmp_path / "one_node"
-    subprocess.run([*RUN, "--nproc", "2", "--master-port", str(free_port()), "--",
-                    *train_args(tiny_dataset, one, 6)], cwd=ROOT, check=True, capture_output=True, timeout=300)
+    # generous limits: the first DeepSpeed launch on a fresh machine JIT-compiles its shared-memory op
+    proc = subprocess.run([*RUN, "--nproc", "2", "--master-port", str(free_port()), "--",
+                           *train_args(tiny_dataset, one, 6)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
 
     hostfile = tmp_path / "hosts"
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
@@ -35,7 +37,7 @@ def test_two_nodes_on_one_machine_match_one_node(tiny_dataset, tmp_path):
                                *train_args(tiny_dataset, two, 6)], cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
     for node in nodes:
-        out, _ = node.communicate(timeout=300)
+        out, _ = node.communicate(timeout=900)
         assert node.returncode == 0, out[-2000:]
     assert [m["loss"] for m in read_metrics(two)] == [m["loss"] for m in read_metrics(one)]
 
@@ -57,7 +59,7 @@ def test_a_dead_rank_stops_the_job_and_the_checkpoints_stay_usable(tiny_dataset,
     launcher = subprocess.Popen([*RUN, "--nproc", "2", "--master-port", str(free_port()), "--", *args], cwd=ROOT,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 240
+        deadline = time.time() + 900
         while not (run / "checkpoints" / "step_00000004").is_dir():
             assert launcher.poll() is None and time.time() < deadline, "training did not reach step 4"
             time.sleep(0.2)
@@ -82,7 +84,7 @@ def test_a_dead_rank_stops_the_job_and_the_checkpoints_stay_usable(tiny_dataset,
 
     resumed = subprocess.run([*RUN, "--nproc", "2", "--master-port", str(free_port()), "--",
                               *train_args(tiny_dataset, run, last_step + 2), "--resume", "auto"],
-                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+                             cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     steps = [m["step"] for m in read_metrics(run)]
     assert steps[-2:] == [last_step + 1, last_step + 2]

@@ -21,7 +21,7 @@ def train(dataset: Path, run_dir: Path, *extra: str, steps: int = 60, launcher: 
     args = [*(launcher or [sys.executable]), "-m", "train", "--config", "configs/demo.toml", *TINY,
             "--set", f"data.path=\"{dataset}\"", "--set", f"schedule.steps={steps}", "--run-dir", str(run_dir),
             *extra]
-    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
