@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"after {summary['steps']} steps")
         elif trainer.is_main:
             print(f"nothing to train: the run is already at step {summary['steps']} of {cfg.schedule.steps}")
+        if trainer.is_main:
             print(f"tensorboard logs: {summary['tensorboard']}")
             print(f"checkpoint:       {summary['checkpoint']}")
     except user_errors() as e:
