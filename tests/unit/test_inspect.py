@@ -159,11 +159,8 @@ def test_quadrant_shares_sum_to_one(make):
 
 
 def test_titans_models_are_refused_by_capture_and_give_gates():
-    try:
-        model = build_model(ModelConfig(vocab_size=300, d_model=32, n_layers=2, n_heads=4, num_meta_tokens=2,
-                                        memory="mag", window=8, max_seq_len=64)).eval()
-    except Exception as e:  # the Titans model is still being written: do not fail this file for it
-        pytest.skip(f"Titans model not constructible here: {e}")
+    model = build_model(ModelConfig(vocab_size=300, d_model=32, n_layers=2, n_heads=4, num_meta_tokens=2,
+                                    memory="mag", window=8, max_seq_len=64)).eval()
     ids = torch.randint(0, 300, (1, 12))
     with pytest.raises(InspectError, match="not available"):
         run_captured(model, ids)
