@@ -59,3 +59,16 @@ class MegatronMPU:
 
 def bf16_supported(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def save_engine_state(engine, directory) -> None:
+    """DeepSpeed's own checkpoint of `engine` (ZeRO partitions, pipeline stages) under `directory/deepspeed`."""
+    engine.save_checkpoint(str(directory / "deepspeed"), tag="state", save_latest=False)
+
+
+def load_engine_state(engine, directory, missing: Exception) -> None:
+    """Restore what `save_engine_state` wrote (weights too); raise `missing` when the checkpoint has none."""
+    path = directory / "deepspeed"
+    if not path.is_dir():
+        raise missing
+    engine.load_checkpoint(str(path), tag="state", load_optimizer_states=True, load_lr_scheduler_states=True)

@@ -278,14 +278,13 @@ class PipelineEngine:
         return {name: p.detach() for name, p in stage_parameters(self.pipe, self.model).items()}
 
     def save(self, directory: Path) -> dict:
-        self.engine.save_checkpoint(str(directory / "deepspeed"), tag="state", save_latest=False)
+        from launch.deepspeed_config import save_engine_state
+        save_engine_state(self.engine, directory)
         return {}
 
     def load(self, directory: Path, state: dict) -> None:
-        path = directory / "deepspeed"
-        if not path.is_dir():
-            raise LayoutError(f"checkpoint {directory} holds no DeepSpeed pipeline state: resume with the same "
-                              f"parallel.engine and parallel.pp")
-        self.engine.load_checkpoint(str(path), tag="state", load_optimizer_states=True,
-                                    load_lr_scheduler_states=True)
+        from launch.deepspeed_config import load_engine_state
+        load_engine_state(self.engine, directory, LayoutError(
+            f"checkpoint {directory} holds no DeepSpeed pipeline state: resume with the same parallel.engine "
+            f"and parallel.pp"))
 

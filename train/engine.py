@@ -131,16 +131,15 @@ class DeepSpeedEngine:
             return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
 
     def save(self, directory: Path) -> dict:
-        self.engine.save_checkpoint(str(directory / "deepspeed"), tag="state", save_latest=False)
+        from launch.deepspeed_config import save_engine_state
+        save_engine_state(self.engine, directory)
         return {}
 
     def load(self, directory: Path, state: dict) -> None:
-        path = directory / "deepspeed"
-        if not path.is_dir():
-            raise ConfigError(f"checkpoint {directory} holds no DeepSpeed state: resume with the same parallel.engine")
         # DeepSpeed's checkpoint restores the weights too (partitioned ones under ZeRO-3).
-        self.engine.load_checkpoint(str(path), tag="state", load_optimizer_states=True,
-                                    load_lr_scheduler_states=True)
+        from launch.deepspeed_config import load_engine_state
+        load_engine_state(self.engine, directory, ConfigError(
+            f"checkpoint {directory} holds no DeepSpeed state: resume with the same parallel.engine"))
 
 
 def build_engine(model: nn.Module, cfg: Config, layout: Layout, run_dir: Path | None, device: torch.device):
