@@ -75,7 +75,9 @@ def test_missing_rank_file_is_refused(tmp_path, capsys):
     (lambda m: m["config"]["model"].update(d_model=48), ["does not match its config"]),
     (lambda m: m["config"]["model"].update(n_layers=3), ["does not match its config", "missing"]),
     (lambda m: m["config"]["model"].update(no_such_key=1), ["does not fit", "no_such_key"]),
-    (lambda m: m["config"]["model"].update(memory="rmt"), ["memory='rmt'"]),
+    # a plain model's tensors under a Titans config: the memory parameters are missing
+    (lambda m: m["config"]["model"].update(memory="mal"), ["does not match its config", "blocks.0.mem_norm.weight"]),
+    (lambda m: m["config"]["model"].update(memory="xl"), ["memory", "xl"]),
     (lambda m: m.update(format="something-else"), ["format"]),
 ])
 def test_checkpoint_from_another_config_is_refused(tmp_path, capsys, edit, words):

@@ -3,7 +3,8 @@
 Two kinds of files live here:
 
 * templates copied verbatim into every export and run by transformers with `trust_remote_code=True`:
-  `configuration_memtrain.py`, `modeling_memtrain.py`, `tokenization_memtrain.py` (plain torch + transformers +
+  `configuration_memtrain.py`, `modeling_memtrain.py` (+ `memtrain_layers.py`, `memtrain_rmt.py`,
+  `memtrain_titans.py`, imported relatively), `tokenization_memtrain.py` (plain torch + transformers +
   sentencepiece, never a project import);
 * the converter used by `python -m train.export_hf` / `python -m train.import_hf`: `merge.py` (read and merge
   parallel checkpoint shards), `convert.py` (native <-> Hugging Face names, layouts and config), `files.py`
@@ -11,7 +12,8 @@ Two kinds of files live here:
 """
 from __future__ import annotations
 
-TEMPLATE_FILES = ("configuration_memtrain.py", "modeling_memtrain.py", "tokenization_memtrain.py")
+TEMPLATE_FILES = ("configuration_memtrain.py", "modeling_memtrain.py", "memtrain_layers.py", "memtrain_rmt.py",
+                  "memtrain_titans.py", "tokenization_memtrain.py")
 
 
 class ExportError(Exception):

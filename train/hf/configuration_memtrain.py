@@ -14,9 +14,14 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-# Memory mechanisms the modeling file implements. The trainer also knows "rmt" (and Titans later); each gets a
-# branch in modeling_memtrain.py once its export is implemented and tested.
-SUPPORTED_MEMORY = ("none",)
+# Memory mechanisms the modeling files implement (memtrain's model.memory): the plain/meta-token decoder, the
+# Recurrent Memory Transformer (memtrain_rmt.py) and the Titans variants (memtrain_titans.py).
+TITANS_MEMORY = ("lmm", "mac", "mag", "mal")
+SUPPORTED_MEMORY = ("none", "rmt", *TITANS_MEMORY)
+# memory_config keys each kind needs (memtrain's [model.rmt] / [model.titans] sections, all of them exported)
+_MEMORY_KEYS = {"rmt": ("segment_len", "num_memory", "bottleneck", "bottleneck_window", "positions"),
+                "titans": ("segment_len", "chunk_size", "memory_depth", "memory_heads", "memory_head_dim",
+                           "memory_expansion", "memory_act", "conv_size")}
 
 
 class MemtrainConfig(PretrainedConfig):
@@ -65,7 +70,7 @@ class MemtrainConfig(PretrainedConfig):
         self.num_meta_tokens = num_meta_tokens
         self.sliding_window = sliding_window
         self.layer_types = list(layer_types) if layer_types is not None else ["full_attention"] * num_hidden_layers
-        # Memory mechanism carried across segments; only "none" is implemented in this release.
+        # Memory mechanism carried across segments (none, rmt, lmm, mac, mag, mal); its settings in memory_config.
         self.memory = memory
         self.memory_config = dict(memory_config or {})
         self.initializer_range = initializer_range
@@ -83,6 +88,10 @@ class MemtrainConfig(PretrainedConfig):
         if self.memory not in SUPPORTED_MEMORY:
             raise ValueError(f"memory={self.memory!r} is not supported by this modeling file "
                              f"(supported: {', '.join(SUPPORTED_MEMORY)})")
+        need = _MEMORY_KEYS.get("titans" if self.memory in TITANS_MEMORY else self.memory, ())
+        missing = [k for k in need if k not in self.memory_config]
+        if missing:
+            raise ValueError(f"memory={self.memory!r} needs memory_config keys {', '.join(missing)}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_key_value_heads={self.num_key_value_heads} must divide "
                              f"num_attention_heads={self.num_attention_heads}")

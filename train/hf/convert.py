@@ -1,4 +1,4 @@
-"""Native <-> Hugging Face: parameter names, tensor layouts and the config, for memory = "none".
+"""Native <-> Hugging Face: parameter names, tensor layouts and the config, for every memory kind.
 
 Native (model/transformer.py, full TP = 1 tensors)        Hugging Face (train/hf/modeling_memtrain.py)
   embed.tokens.weight [Vp, D]                             model.embed_tokens.weight [V, D]   (padding rows cut)
@@ -10,6 +10,11 @@ Native (model/transformer.py, full TP = 1 tensors)        Hugging Face (train/hf
   blocks.i.mlp.{gate,up,down}.weight                      model.layers.i.mlp.{gate,up,down}_proj.weight
   head.norm.weight                                        model.norm.weight
   head.proj.weight [Vp, D] (untied only)                  lm_head.weight [V, D] (untied only)
+  RMT: memory_init, read_slots, write_slots [M, D]         model.memory_init, model.read_slots, model.write_slots
+       memory_norm.weight                                  model.memory_norm.weight
+  Titans: blocks.i.mem_norm.weight                         model.layers.i.memory_norm.weight
+          blocks.i.memory.* (query, kv, gates, conv_q,     model.layers.i.memory.* (same names and layouts:
+          conv_kv, init_weights.l, out), gate_norm_y/m     head-major, as memtrain's TitansMemory), gate_norm_y/m
 
 The fused QKV rows are grouped per key/value head: [G query heads, key, value] for head 0, then head 1, ...
 (model/layers.py). Query head h = g*G + i reads key/value head g, which is the order `repeat_interleave`
@@ -25,7 +30,8 @@ import torch
 
 from . import ExportError
 
-SUPPORTED_MEMORY = ("none",)
+SUPPORTED_MEMORY = ("none", "rmt", "lmm", "mac", "mag", "mal")
+TITANS = ("lmm", "mac", "mag", "mal")
 
 
 def build_config(tree: dict[str, Any], where: str):
@@ -37,8 +43,8 @@ def build_config(tree: dict[str, Any], where: str):
     except (ConfigError, ValueError, TypeError, KeyError) as e:
         raise ExportError(f"the config of {where} does not fit this memtrain version: {e}") from None
     if cfg.model.memory not in SUPPORTED_MEMORY:
-        raise ExportError(f"{where} has model.memory={cfg.model.memory!r}; export supports only "
-                          f"{', '.join(SUPPORTED_MEMORY)} so far (RMT and Titans come with their modeling code)")
+        raise ExportError(f"{where} has model.memory={cfg.model.memory!r}; export supports "
+                          f"{', '.join(SUPPORTED_MEMORY)}")
     try:
         cfg.model.validate()
     except (ConfigError, ValueError) as e:
@@ -48,21 +54,50 @@ def build_config(tree: dict[str, Any], where: str):
     return cfg
 
 
+def _memory_shapes(m, p: str) -> dict[str, tuple[int, ...]]:
+    """Native shapes of one Titans memory layer (model/titans_memory.py) under prefix `p`."""
+    t, D = m.titans, m.d_model
+    H, Dh, K = t.memory_heads, t.head_dim(D), t.conv_size
+    shapes = {p + "query.weight": (H * Dh, D), p + "kv.weight": (2 * H * Dh, D), p + "gates.weight": (3 * H, D),
+              p + "gates.bias": (3 * H,)}
+    if K:
+        shapes.update({p + "conv_q": (H * Dh, K), p + "conv_kv": (2 * H * Dh, K)})
+    hidden = max(1, int(round(t.memory_expansion * Dh)))
+    dims = [Dh] + [hidden] * (t.memory_depth - 1) + [Dh]
+    shapes.update({f"{p}init_weights.{l}": (H, dims[l + 1], dims[l]) for l in range(t.memory_depth)})
+    shapes[p + "out.weight"] = (D, H * Dh)
+    return shapes
+
+
 def native_shapes(m) -> dict[str, tuple[int, ...]]:
-    """Full (TP = 1) shapes of every native parameter of a memory = "none" DecoderLM with config `m`."""
+    """Full (TP = 1) shapes of every native parameter of the model (any memory kind) with config `m`."""
     D, Vp, F = m.d_model, m.padded_vocab_size, m.ffn_width
     qkv = m.kv_heads * (m.n_heads // m.kv_heads + 2) * m.head_dim
+    attn = {"attn_norm.weight": (D,), "attn.qkv.weight": (qkv, D), "attn.out.weight": (D, m.n_heads * m.head_dim)}
+    mlp = {"mlp_norm.weight": (D,), "mlp.gate.weight": (F, D), "mlp.up.weight": (F, D), "mlp.down.weight": (D, F)}
     shapes: dict[str, tuple[int, ...]] = {"embed.tokens.weight": (Vp, D)}
     if m.num_meta_tokens:
         shapes["embed.meta"] = (m.num_meta_tokens, D)
     for i in range(m.n_layers):
         p = f"blocks.{i}."
-        shapes.update({p + "attn_norm.weight": (D,), p + "attn.qkv.weight": (qkv, D),
-                       p + "attn.out.weight": (D, m.n_heads * m.head_dim), p + "mlp_norm.weight": (D,),
-                       p + "mlp.gate.weight": (F, D), p + "mlp.up.weight": (F, D), p + "mlp.down.weight": (D, F)})
+        if m.memory not in TITANS:
+            shapes.update({p + k: v for k, v in {**attn, **mlp}.items()})
+            continue
+        if m.memory != "mag":
+            shapes[p + "mem_norm.weight"] = (D,)
+        if m.memory != "lmm":
+            shapes.update({p + k: v for k, v in attn.items()})
+        shapes.update(_memory_shapes(m, p + "memory."))
+        if m.memory == "mag":
+            shapes.update({p + "gate_norm_y.weight": (D,), p + "gate_norm_m.weight": (D,)})
+        shapes.update({p + k: v for k, v in mlp.items()})
     shapes["head.norm.weight"] = (D,)
     if not m.tie_embeddings:
         shapes["head.proj.weight"] = (Vp, D)
+    if m.memory == "rmt":
+        M = m.rmt.num_memory
+        shapes.update({"memory_init": (M, D), "read_slots": (M, D), "write_slots": (M, D),
+                       "memory_norm.weight": (D,)})
     return shapes
 
 
@@ -78,30 +113,41 @@ def check_native(state: dict[str, torch.Tensor], m, where: str) -> None:
                               f"the config implies {shape}")
 
 
+# native block suffix -> HF layer suffix (everything under memory. and gate_norm_* keeps its name)
+_BLOCK_NAMES = {"attn_norm.weight": "input_layernorm.weight", "attn.out.weight": "self_attn.o_proj.weight",
+                "mlp_norm.weight": "post_attention_layernorm.weight", "mlp.gate.weight": "mlp.gate_proj.weight",
+                "mlp.up.weight": "mlp.up_proj.weight", "mlp.down.weight": "mlp.down_proj.weight",
+                "mem_norm.weight": "memory_norm.weight"}
+_TOP_NAMES = {"embed.tokens.weight": "model.embed_tokens.weight", "embed.meta": "model.meta_tokens",
+              "head.norm.weight": "model.norm.weight", "head.proj.weight": "lm_head.weight",
+              "memory_init": "model.memory_init", "read_slots": "model.read_slots",
+              "write_slots": "model.write_slots", "memory_norm.weight": "model.memory_norm.weight"}
+_VOCAB_ROWS = ("embed.tokens.weight", "head.proj.weight")
+
+
+def hf_name(native: str) -> str:
+    """HF name of a native parameter other than the fused QKV (which becomes q/k/v_proj)."""
+    if native in _TOP_NAMES:
+        return _TOP_NAMES[native]
+    _, i, rest = native.split(".", 2)
+    return f"model.layers.{i}.{_BLOCK_NAMES.get(rest, rest)}"
+
+
 def native_to_hf(state: dict[str, torch.Tensor], m) -> dict[str, torch.Tensor]:
-    """Full native state dict -> HF state dict (vocab padding trimmed, QKV split)."""
+    """Full native state dict -> HF state dict (vocab padding trimmed, QKV split), in native_shapes order."""
     V, D, Dh, Hkv = m.vocab_size, m.d_model, m.head_dim, m.kv_heads
     G = m.n_heads // Hkv
-    out = {"model.embed_tokens.weight": state["embed.tokens.weight"][:V]}
-    if m.num_meta_tokens:
-        out["model.meta_tokens"] = state["embed.meta"]
-    for i in range(m.n_layers):
-        n, h = f"blocks.{i}.", f"model.layers.{i}."
-        qkv = state[n + "attn.qkv.weight"].view(Hkv, G + 2, Dh, D)
-        out.update({
-            h + "input_layernorm.weight": state[n + "attn_norm.weight"],
-            h + "self_attn.q_proj.weight": qkv[:, :G].reshape(Hkv * G * Dh, D),
-            h + "self_attn.k_proj.weight": qkv[:, G].reshape(Hkv * Dh, D),
-            h + "self_attn.v_proj.weight": qkv[:, G + 1].reshape(Hkv * Dh, D),
-            h + "self_attn.o_proj.weight": state[n + "attn.out.weight"],
-            h + "post_attention_layernorm.weight": state[n + "mlp_norm.weight"],
-            h + "mlp.gate_proj.weight": state[n + "mlp.gate.weight"],
-            h + "mlp.up_proj.weight": state[n + "mlp.up.weight"],
-            h + "mlp.down_proj.weight": state[n + "mlp.down.weight"],
-        })
-    out["model.norm.weight"] = state["head.norm.weight"]
-    if not m.tie_embeddings:
-        out["lm_head.weight"] = state["head.proj.weight"][:V]
+    out = {}
+    for name in native_shapes(m):
+        t = state[name]
+        if name.endswith("attn.qkv.weight"):
+            h = hf_name(name.replace("attn.qkv.weight", "attn.out.weight")).replace("o_proj.weight", "")
+            qkv = t.view(Hkv, G + 2, Dh, D)
+            out.update({h + "q_proj.weight": qkv[:, :G].reshape(Hkv * G * Dh, D),
+                        h + "k_proj.weight": qkv[:, G].reshape(Hkv * Dh, D),
+                        h + "v_proj.weight": qkv[:, G + 1].reshape(Hkv * Dh, D)})
+        else:
+            out[hf_name(name)] = t[:V] if name in _VOCAB_ROWS else t
     # contiguous copies: safetensors stores whole buffers, and views of the fused matrix would share one
     return {k: v.contiguous().clone() for k, v in out.items()}
 
@@ -121,27 +167,28 @@ def hf_to_native(hf: dict[str, torch.Tensor], m) -> dict[str, torch.Tensor]:
             raise ExportError(f"{name} has shape {tuple(w.shape)}, the config implies {(V, D)}")
         return torch.cat([w, w.new_zeros(Vp - V, D)]) if Vp > V else w
 
-    out = {"embed.tokens.weight": pad_vocab(take("model.embed_tokens.weight"), "model.embed_tokens.weight")}
-    if m.num_meta_tokens:
-        out["embed.meta"] = take("model.meta_tokens")
-    for i in range(m.n_layers):
-        n, h = f"blocks.{i}.", f"model.layers.{i}."
-        q = take(h + "self_attn.q_proj.weight").reshape(Hkv, G, Dh, D)
-        k = take(h + "self_attn.k_proj.weight").reshape(Hkv, 1, Dh, D)
-        v = take(h + "self_attn.v_proj.weight").reshape(Hkv, 1, Dh, D)
-        out.update({
-            n + "attn_norm.weight": take(h + "input_layernorm.weight"),
-            n + "attn.qkv.weight": torch.cat([q, k, v], dim=1).reshape(-1, D),
-            n + "attn.out.weight": take(h + "self_attn.o_proj.weight"),
-            n + "mlp_norm.weight": take(h + "post_attention_layernorm.weight"),
-            n + "mlp.gate.weight": take(h + "mlp.gate_proj.weight"),
-            n + "mlp.up.weight": take(h + "mlp.up_proj.weight"),
-            n + "mlp.down.weight": take(h + "mlp.down_proj.weight"),
-        })
-    out["head.norm.weight"] = take("model.norm.weight")
-    if not m.tie_embeddings:
-        out["head.proj.weight"] = pad_vocab(take("lm_head.weight"), "lm_head.weight")
+    out = {}
+    for name in native_shapes(m):
+        if name.endswith("attn.qkv.weight"):
+            h = hf_name(name.replace("attn.qkv.weight", "attn.out.weight")).replace("o_proj.weight", "")
+            q = take(h + "q_proj.weight").reshape(Hkv, G, Dh, D)
+            k = take(h + "k_proj.weight").reshape(Hkv, 1, Dh, D)
+            v = take(h + "v_proj.weight").reshape(Hkv, 1, Dh, D)
+            out[name] = torch.cat([q, k, v], dim=1).reshape(-1, D)
+        elif name in _VOCAB_ROWS:
+            out[name] = pad_vocab(take(hf_name(name)), hf_name(name))
+        else:
+            out[name] = take(hf_name(name))
     return {k: v.contiguous() for k, v in out.items()}
+
+
+def memory_config(m) -> dict[str, Any]:
+    """memory_config of config.json: the [model.rmt] or [model.titans] section as trained."""
+    if m.memory == "rmt":
+        return asdict(m.rmt)
+    if m.memory in TITANS:
+        return asdict(m.titans)
+    return {}
 
 
 def hf_config(cfg, *, step: int, source: str, dtype: str, special_ids: dict[str, int]) -> dict[str, Any]:
@@ -171,7 +218,7 @@ def hf_config(cfg, *, step: int, source: str, dtype: str, special_ids: dict[str,
         "sliding_window": m.window or None,
         "layer_types": layer_types,
         "memory": m.memory,
-        "memory_config": asdict(m.rmt) if m.memory == "rmt" else {},
+        "memory_config": memory_config(m),
         "initializer_range": m.init_std,
         "tie_word_embeddings": m.tie_embeddings,
         "use_cache": True,
@@ -189,7 +236,7 @@ def check_hf_config(conf: dict[str, Any], cfg, where: str) -> None:
     want = hf_config(cfg, step=0, source="", dtype="", special_ids={})
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "head_dim", "num_meta_tokens", "sliding_window", "layer_types",
-                "tie_word_embeddings", "memory"):
+                "tie_word_embeddings", "memory", "memory_config"):
         if conf.get(key) != want[key]:
             raise ExportError(f"{where}: config.json has {key}={conf.get(key)!r} but its memtrain config implies "
                               f"{want[key]!r}")

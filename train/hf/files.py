@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import asdict
 import re
 import shutil
 from pathlib import Path
@@ -150,8 +151,22 @@ def write_model_card(out: Path, cfg, *, step: int, source: str, dtype: str, num_
             ("max text length", m.max_seq_len), ("rotary base", m.rope_theta), ("tied embeddings", m.tie_embeddings),
             ("meta tokens", m.num_meta_tokens), ("attention per layer", windows), ("memory", m.memory),
             ("weights dtype", dtype), ("training step", step)]
+    if m.memory == "rmt":
+        r = m.rmt
+        memory = (f"Recurrent Memory Transformer: {r.num_memory} memory tokens read and written per segment of "
+                  f"{r.segment_len} text tokens (positions: {r.positions}{', MemBottleneck' if r.bottleneck else ''})"
+                  f"; `generate()` carries the memory in its cache")
+        rows.append(("memory settings", ", ".join(f"{k}={v}" for k, v in asdict(r).items())))
+    elif m.memory != "none":
+        t = m.titans
+        memory = (f"Titans {m.memory.upper()}: a neural long-term memory in every block ("
+                  f"{'linear' if t.memory_depth == 1 else f'MLP depth {t.memory_depth}'}, {t.memory_heads} heads, "
+                  f"chunk {t.chunk_size}{f', segments of {t.segment_len}' if m.memory == 'mac' else ''}), updated at "
+                  f"test time; `generate()` carries the memory state in its cache")
+        rows.append(("memory settings", ", ".join(f"{k}={v}" for k, v in asdict(t).items())))
+    else:
+        memory = "No recurrent memory (`memory = \"none\"`)"
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    memory = ("No recurrent memory (`memory = \"none\"`)" if m.memory == "none" else f"memory = {m.memory}")
     text = f"""---
 library_name: transformers
 tags: [memtrain, custom_code, text-generation]

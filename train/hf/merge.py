@@ -4,14 +4,16 @@
     meta = read_meta(ckpt)                            # validated meta.json
     state = merge_model_state(ckpt, meta)             # {native parameter name: full tensor}
 
-Layouts. A checkpoint holds one `rankNNNNN.pt` per global rank; ranks are laid out tensor-parallel fastest, then
-data parallel (`global = dp_rank * tp + tp_rank`). Model weights are identical across data-parallel replicas, so
-the merge reads the TP ranks of dp_rank 0 and concatenates every split parameter along its `partition_dims`
-entry. ZeRO: the trainer writes each rank's `model` entry already gathered (`engine.model_state()` gathers
-ZeRO-3 partitions; DeepSpeed's own partitioned files sit in `deepspeed/` and are not needed here), so ZeRO
-checkpoints merge like plain ones. Pipeline parallelism does not exist yet; `model_shard_ranks` is where it
-enters (a stage axis: each stage's TP shards merged, then the stages' disjoint name sets united); a layout with
-pp > 1 is refused with a clear error until then.
+Layouts. A checkpoint holds one `rankNNNNN.pt` per global rank; ranks are laid out as launch/groups.py does:
+tensor-parallel fastest, then context parallel, data parallel, pipeline stages
+(`global = ((pp_rank * dp + dp_rank) * cp + cp_rank) * tp + tp_rank`). Model weights are identical across data-
+and context-parallel replicas, so the merge reads the ranks of dp_rank 0, cp_rank 0: for every pipeline stage its
+TP ranks, whose split parameters are concatenated along their `partition_dims` entry; then the stages' name sets
+are united (each stage's file holds only its own layers, under the model's names: `PipelineEngine.model_state`).
+A name on two stages (the tied token embedding, on the first and the last stage) must be bit-identical there.
+ZeRO: the trainer writes each rank's `model` entry already gathered (`engine.model_state()` gathers ZeRO-3
+partitions; DeepSpeed's own files in `deepspeed/`, pipeline layer files included, are not needed here), so ZeRO
+checkpoints merge like plain ones.
 """
 from __future__ import annotations
 
@@ -67,17 +69,18 @@ def read_meta(ckpt: Path) -> dict[str, Any]:
         raise ExportError(f"{ckpt / 'meta.json'} holds no resolved config with a [model] section")
     if not isinstance(meta.get("partition_dims"), dict):
         raise ExportError(f"{ckpt / 'meta.json'} has no partition_dims table")
-    # Layouts that do not exist yet: refuse rather than merge them wrongly (see the module docstring).
-    if layout.get("pp", 1) != 1:
-        raise ExportError(f"{ckpt}: pipeline-parallel checkpoints (pp={layout['pp']}) are not supported yet")
-    if layout["tp"] * layout["dp"] * layout.get("pp", 1) != layout["world"]:
+    for key in ("pp", "cp"):
+        if not isinstance(layout.get(key, 1), int) or layout.get(key, 1) < 1:
+            raise ExportError(f"{ckpt / 'meta.json'}: layout has {key}={layout.get(key)!r}")
+    if layout["tp"] * layout["dp"] * layout.get("pp", 1) * layout.get("cp", 1) != layout["world"]:
         raise ExportError(f"{ckpt / 'meta.json'}: layout {layout} does not multiply to its world size")
     return meta
 
 
-def model_shard_ranks(layout: dict[str, Any]) -> list[int]:
-    """Global ranks holding one full copy of the model, in TP order (dp_rank 0; TP is the fastest axis)."""
-    return [tp_rank for tp_rank in range(layout["tp"])]
+def model_shard_ranks(layout: dict[str, Any]) -> list[list[int]]:
+    """Global ranks holding one full copy of the model (dp_rank 0, cp_rank 0): per pipeline stage, its TP ranks."""
+    tp, cp, dp = layout["tp"], layout.get("cp", 1), layout["dp"]
+    return [[pp_rank * dp * cp * tp + tp_rank for tp_rank in range(tp)] for pp_rank in range(layout.get("pp", 1))]
 
 
 def check_complete(ckpt: Path, layout: dict[str, Any]) -> None:
@@ -100,28 +103,39 @@ def _load_rank_model(path: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state["model"].items() if isinstance(v, torch.Tensor)}
 
 
-def merge_model_state(ckpt: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The full, unsharded native state dict (vocab padding kept) of checkpoint `ckpt`."""
-    layout = meta["layout"]
-    check_complete(ckpt, layout)
-    shards = [_load_rank_model(ckpt / f"rank{r:05d}.pt") for r in model_shard_ranks(layout)]
+def _merge_tp(ckpt: Path, ranks: list[int], dims: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """One pipeline stage: its TP ranks' shards concatenated along `partition_dims` (replicated: checked equal)."""
+    shards = [_load_rank_model(ckpt / f"rank{r:05d}.pt") for r in ranks]
     names = list(shards[0])
-    for r, shard in enumerate(shards[1:], start=1):
+    for r, shard in zip(ranks[1:], shards[1:]):
         if set(shard) != set(names):
             diff = sorted(set(shard) ^ set(names))[:3]
-            raise ExportError(f"TP ranks 0 and {r} of {ckpt} hold different parameters ({diff}): files from "
-                              f"different runs?")
-    dims = meta["partition_dims"]
+            raise ExportError(f"ranks {ranks[0]} and {r} of {ckpt} (TP peers) hold different parameters ({diff}): "
+                              f"files from different runs?")
     merged: dict[str, torch.Tensor] = {}
     for name in names:
         parts = [shard[name] for shard in shards]
         dim = dims.get(name)
         if dim is None or len(parts) == 1:
-            for r, p in enumerate(parts[1:], start=1):
+            for r, p in zip(ranks[1:], parts[1:]):
                 if p.shape != parts[0].shape or not torch.equal(p, parts[0]):
-                    raise ExportError(f"replicated parameter {name} differs between TP ranks 0 and {r} of {ckpt}: "
-                                      f"files from different runs?")
+                    raise ExportError(f"replicated parameter {name} differs between ranks {ranks[0]} and {r} of "
+                                      f"{ckpt}: files from different runs?")
             merged[name] = parts[0].clone()
         else:
             merged[name] = torch.cat(parts, dim=int(dim))
+    return merged
+
+
+def merge_model_state(ckpt: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The full, unsharded native state dict (vocab padding kept) of checkpoint `ckpt`."""
+    layout = meta["layout"]
+    check_complete(ckpt, layout)
+    merged: dict[str, torch.Tensor] = {}
+    for stage, ranks in enumerate(model_shard_ranks(layout)):
+        for name, t in _merge_tp(ckpt, ranks, meta["partition_dims"]).items():
+            if name in merged and not torch.equal(merged[name], t):
+                raise ExportError(f"parameter {name} differs between pipeline stages of {ckpt} (stage {stage}): "
+                                  f"files from different runs?")
+            merged[name] = t
     return merged

@@ -1,7 +1,10 @@
 """Hugging Face modeling code of an exported memtrain model (copied verbatim into every export).
 
 Plain torch + transformers, no memtrain imports: it runs under `AutoModelForCausalLM.from_pretrained(DIR,
-trust_remote_code=True)` anywhere. It reproduces memtrain's `model.DecoderLM` (memory = "none"):
+trust_remote_code=True)` anywhere (with memtrain_layers.py, memtrain_rmt.py and memtrain_titans.py next to it,
+imported relatively). It reproduces memtrain's `build_model(cfg)` for every `model.memory`: the DecoderLM
+(memory = "none") here, the RMT in memtrain_rmt.py, the Titans LMM / MAC / MAG / MAL blocks in memtrain_titans.py.
+The plain decoder:
 
     ids [B, T] -> embed -> (meta tokens [P, D] in front) -> L x (RMSNorm, GQA attention, RMSNorm, SwiGLU)
                -> final RMSNorm -> lm_head -> logits [B, T, V]
@@ -19,8 +22,13 @@ Padding. Masks are built from the 2-D `attention_mask` (1 = real token): a padde
 rotary positions count real tokens only (`cumsum(mask) - 1`), so a left-padded row computes exactly what the
 same row computes alone. The sliding window is measured in those positions.
 
-Future memory kinds (RMT, Titans MAC/MAG/MAL) add a branch in `MemtrainModel.forward` and their recurrent state
-to the cache object; `configuration_memtrain.SUPPORTED_MEMORY` lists what this file implements.
+Memory models (`forward_memory`). The recurrent state (RMT memory and pending segment, Titans memory weights,
+momenta, conv tail and attention/MAC caches) lives in the cache object, one state per batch row
+(`cache.memtrain_rows`) with the row's count of real tokens (`cache.memtrain_seen`); `generate()` then feeds one
+token per step and the state carries it on exactly. Only tokens whose attention_mask is 1 are fed: padding never
+enters memory or attention, and each row runs on its own segment / chunk grid, as it would alone. Rows at the same
+count run batched. Position ids are not used (positions follow from the state). Beam search reorders the rows
+(`_reorder_cache`).
 """
 from __future__ import annotations
 
@@ -33,74 +41,19 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from .configuration_memtrain import MemtrainConfig
+from .configuration_memtrain import TITANS_MEMORY, MemtrainConfig
+from .memtrain_layers import MemtrainAttentionProjections, MemtrainMLP, MemtrainRMSNorm, rotary_cos_sin
+from .memtrain_rmt import rmt_forward
+from .memtrain_titans import MemtrainTitansLayer, init_titans_weights, titans_forward
 
 
-class MemtrainRMSNorm(nn.Module):
-    """x / rms(x) * g computed in (at least) fp32, cast back to the input dtype (as memtrain's RMSNorm)."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x if x.dtype == torch.float64 else x.float()  # at least fp32; fp64 stays fp64 (as native)
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.to(xf.dtype)).to(x.dtype)
-
-
-def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin `[B, 1, T, Dh]` (fp32) for integer positions `[B, T]`; angles in fp64 like the native tables."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim)
-    angles = positions.to(torch.float64).unsqueeze(-1) * inv_freq  # [B, T, Dh/2]
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().float().unsqueeze(1), angles.sin().float().unsqueeze(1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate `x` `[B, H, T, Dh]` (rotate-half convention), in fp32, result in x's dtype."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
-
-
-class MemtrainAttention(nn.Module):
-    """Grouped-query attention over [meta-token prefix; text]; query head h reads key/value head h // G."""
-
-    def __init__(self, config: MemtrainConfig, layer_idx: int):
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim
-        self.rope_theta = config.rope_theta
-        self.window = config.sliding_window if config.layer_types[layer_idx] == "sliding_attention" else None
-        d = config.hidden_size
-        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=False)
-
-    def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        return q, k, v
-
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        groups = self.num_heads // self.num_kv_heads
-        if groups > 1:  # explicit repeat: works with every torch version's SDPA
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        B, _, T, _ = o.shape
-        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+class MemtrainAttention(MemtrainAttentionProjections):
+    """Grouped-query attention over [meta-token prefix; text] with the KV cache (memory = "none")."""
 
     def forward_prefix(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """Meta tokens `[1, P, D]`: bidirectional among themselves, no rotation. Returns (out, (k, v))."""
-        q, k, v = self._heads(x)
-        return self._attend(q, k, v, None), (k, v)
+        q, k, v = self.project(x)
+        return self.attend(q, k, v, None), (k, v)
 
     def forward(
         self,
@@ -111,9 +64,7 @@ class MemtrainAttention(nn.Module):
         cache: Cache | None,
     ) -> torch.Tensor:
         """Text tokens x `[B, T, D]` -> `[B, T, D]`, attending to the prefix, the cached and the new text keys."""
-        q, k, v = self._heads(x)
-        cos, sin = cos_sin
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = self.project(x, *cos_sin)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         mask = text_keys.mask(k.shape[2], self.window)  # [B, 1, T, Nk]
@@ -123,7 +74,7 @@ class MemtrainAttention(nn.Module):
             k = torch.cat([pk.to(k.dtype).expand(B, -1, -1, -1), k], dim=2)
             v = torch.cat([pv.to(v.dtype).expand(B, -1, -1, -1), v], dim=2)
             mask = torch.cat([mask.new_ones(*mask.shape[:3], pk.shape[2]), mask], dim=-1)
-        return self._attend(q, k, v, mask)
+        return self.attend(q, k, v, mask)
 
 
 class TextKeys:
@@ -155,19 +106,6 @@ class TextKeys:
         return visible.unsqueeze(1)
 
 
-class MemtrainMLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
-
-    def __init__(self, config: MemtrainConfig):
-        super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class MemtrainDecoderLayer(nn.Module):
     """Pre-norm block: h + attn(norm(h)), then + mlp(norm(h))."""
 
@@ -187,12 +125,17 @@ class MemtrainDecoderLayer(nn.Module):
         h = h + self.self_attn(self.input_layernorm(h), *args)
         return h + self.mlp(self.post_attention_layernorm(h))
 
+    def forward_masked(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor):
+        """The block over a whole RMT segment `[B, N, D]` under the boolean mask `[N, N]`."""
+        h = h + self.self_attn.forward_masked(self.input_layernorm(h), cos, sin, mask)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
 
 class MemtrainPreTrainedModel(PreTrainedModel):
     config_class = MemtrainConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = False
-    _no_split_modules = ["MemtrainDecoderLayer"]
+    _no_split_modules = ["MemtrainDecoderLayer", "MemtrainTitansLayer"]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_cache_class = True  # transformers 4.x: accepts Cache objects
 
@@ -200,10 +143,16 @@ class MemtrainPreTrainedModel(PreTrainedModel):
         std = self.config.initializer_range
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
         elif isinstance(module, MemtrainRMSNorm):
             nn.init.ones_(module.weight)
-        elif isinstance(module, MemtrainModel) and module.meta_tokens is not None:
-            nn.init.normal_(module.meta_tokens, mean=0.0, std=std)
+        elif isinstance(module, MemtrainModel):
+            for p in (module.meta_tokens, getattr(module, "memory_init", None), getattr(module, "read_slots", None),
+                      getattr(module, "write_slots", None)):
+                if p is not None:
+                    nn.init.normal_(p, mean=0.0, std=std)
+        init_titans_weights(module, std)  # the memory's M_0, conv taps and gate biases
 
 
 class MemtrainModel(MemtrainPreTrainedModel):
@@ -214,8 +163,15 @@ class MemtrainModel(MemtrainPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.meta_tokens = nn.Parameter(torch.zeros(config.num_meta_tokens, config.hidden_size)) \
             if config.num_meta_tokens else None
-        self.layers = nn.ModuleList(MemtrainDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        layer = MemtrainTitansLayer if config.memory in TITANS_MEMORY else MemtrainDecoderLayer
+        self.layers = nn.ModuleList(layer(config, i) for i in range(config.num_hidden_layers))
         self.norm = MemtrainRMSNorm(config.hidden_size, config.rms_norm_eps)
+        if config.memory == "rmt":  # learned initial memory, per-slot read/write embeddings, write-output norm
+            M, D = config.memory_config["num_memory"], config.hidden_size
+            self.memory_init = nn.Parameter(torch.zeros(M, D))
+            self.read_slots = nn.Parameter(torch.zeros(M, D))
+            self.write_slots = nn.Parameter(torch.zeros(M, D))
+            self.memory_norm = MemtrainRMSNorm(D, config.rms_norm_eps)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -260,12 +216,8 @@ class MemtrainModel(MemtrainPreTrainedModel):
         use_cache: bool | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPast:
-        if self.config.memory != "none":  # branch point for RMT / Titans exports
-            raise NotImplementedError(f"memory={self.config.memory!r} is not implemented in this modeling file")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        B, T, _ = h.shape
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and past_key_values is None:
             past_key_values = _new_cache(self.config)
@@ -274,6 +226,13 @@ class MemtrainModel(MemtrainPreTrainedModel):
         if getattr(past_key_values, "is_compileable", False):
             # static caches return fixed-size zero-padded buffers; the masks here assume the keys seen so far
             raise NotImplementedError("static KV caches are not supported: use the default dynamic cache")
+        if self.config.memory != "none":
+            if input_ids is None:
+                raise ValueError(f"memory={self.config.memory!r} models take input_ids, not inputs_embeds")
+            hidden = forward_memory(self, input_ids, attention_mask, past_key_values)
+            return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values)
+        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T, _ = h.shape
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
 
         prefix = getattr(past_key_values, "memtrain_prefix", None) if past_key_values is not None else None
@@ -282,10 +241,68 @@ class MemtrainModel(MemtrainPreTrainedModel):
             if past_key_values is not None:
                 past_key_values.memtrain_prefix = prefix
         keys = self._text_keys(attention_mask, position_ids, past, T, B, h.device)
-        cos_sin = rotary_cos_sin(keys.query_positions, self.config.head_dim, self.config.rope_theta)
+        cos, sin = rotary_cos_sin(keys.query_positions, self.config.head_dim, self.config.rope_theta)
+        cos_sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, T, Dh]
         for i, layer in enumerate(self.layers):
             h = layer(h, cos_sin, prefix[i] if prefix is not None else None, keys, past_key_values)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(h), past_key_values=past_key_values)
+
+
+def _stack(trees: list) -> Any:
+    """Per-row states (batch 1 each, same structure) -> one batched state; ints/None are equal across rows."""
+    first = trees[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(trees, dim=0)
+    if isinstance(first, tuple):
+        return tuple(_stack([t[i] for t in trees]) for i in range(len(first)))
+    return first
+
+
+def _row(tree: Any, i: int) -> Any:
+    """Row i (kept as batch 1) of a batched state."""
+    if isinstance(tree, torch.Tensor):
+        return tree[i:i + 1]
+    if isinstance(tree, tuple):
+        return tuple(_row(t, i) for t in tree)
+    return tree
+
+
+def forward_memory(model: "MemtrainModel", input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                   cache: Cache | None) -> torch.Tensor:
+    """RMT / Titans: final-normed hidden states `[B, T, D]` of the new tokens (zeros at padded positions).
+
+    Padding never enters the memory: only the tokens whose `attention_mask` is 1 are fed, row by row, so a padded
+    row computes exactly what it computes alone. Every row keeps its own recurrent state and its count of real
+    tokens seen (`cache.memtrain_rows`, `cache.memtrain_seen`); rows with the same count and the same number of
+    new real tokens (the same segment and chunk phase) run together as one batch.
+    """
+    B, T = input_ids.shape
+    valid = torch.ones(B, T, dtype=torch.bool, device=input_ids.device) if attention_mask is None \
+        else attention_mask[:, -T:].to(input_ids.device).bool()
+    rows = getattr(cache, "memtrain_rows", None) if cache is not None else None
+    if rows is None:
+        rows, seen = [None] * B, [0] * B
+    else:
+        seen = cache.memtrain_seen
+        if len(rows) != B:
+            raise ValueError(f"the cache holds memory for batch {len(rows)}, the input has batch {B}")
+    run = rmt_forward if model.config.memory == "rmt" else titans_forward
+    groups: dict[tuple[int, int], list[int]] = {}
+    for b in range(B):
+        n = int(valid[b].sum())
+        if n:
+            groups.setdefault((seen[b], n), []).append(b)
+    hidden = model.embed_tokens.weight.new_zeros(B, T, model.config.hidden_size)
+    for (count, n), members in groups.items():
+        ids = torch.stack([input_ids[b][valid[b]] for b in members])
+        state = None if rows[members[0]] is None else _stack([rows[b] for b in members])
+        out, state = run(model, ids, state)
+        for k, b in enumerate(members):
+            hidden[b, valid[b]] = out[k].to(hidden.dtype)
+            rows[b], seen[b] = _row(state, k), count + n
+    if cache is not None:
+        cache.memtrain_rows, cache.memtrain_seen = rows, seen
+    return hidden
 
 
 def _new_cache(config: MemtrainConfig) -> DynamicCache:
@@ -312,6 +329,16 @@ class MemtrainForCausalLM(MemtrainPreTrainedModel, GenerationMixin):
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.model.embed_tokens = value
+
+    def _reorder_cache(self, past_key_values: Cache, beam_idx: torch.LongTensor) -> Cache:
+        """Beam search: rows of the KV cache and of the per-row memory states follow their beams."""
+        past_key_values.reorder_cache(beam_idx)  # text keys/values (the meta-token prefix is shared by all rows)
+        rows = getattr(past_key_values, "memtrain_rows", None)
+        if rows is not None:
+            idx = beam_idx.tolist()
+            past_key_values.memtrain_rows = [rows[i] for i in idx]
+            past_key_values.memtrain_seen = [past_key_values.memtrain_seen[i] for i in idx]
+        return past_key_values
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
