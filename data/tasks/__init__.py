@@ -6,6 +6,10 @@
   picking up and dropping objects) with one, two or three supporting facts, the story scattered in order
   through filler text taken from the corpus.
 
+`symbolic.py` holds the same four tasks over a closed 118-word vocabulary (one word = one token, generated in
+memory, no tokenizer or corpus needed) for models small enough to train on a CPU: the long-context experiment
+(`python -m train.experiment long_context`) trains and evaluates on them.
+
 Every sample's tokens are prompt + answer and exactly `length` long; `answer.txt` holds the answer and
 `meta.json` where it starts (`prompt_tokens`), so the trainer reads task shards like any other data and the
 evaluator feeds the prompt and scores the generation by exact match (`data.tasks.examples`).
