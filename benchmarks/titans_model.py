@@ -15,7 +15,9 @@
     are printed. The peer is never a project dependency: it runs in its own interpreter (`--peer-python`, a venv
     with torch + titans-pytorch), through this same file in `--worker peer` mode, which imports nothing of the
     project. Each implementation runs in a fresh subprocess per round, alternating (ours, peer, ours, peer, ...),
-    so machine load drifts hit both; the best step of each is reported, and their ratio. Peak RSS growth of each
+    so machine load drifts hit both; the best step of each is reported, and their ratio (wall clock), plus the
+    ratio of best per-step CPU time of the process (1 thread: the work done, less distorted by other processes on
+    a shared machine) and the matrix-product GFLOP of one forward + backward of each. Peak RSS growth of each
     worker from the built model on (first step, gradients and AdamW state included) is reported too.
 """
 from __future__ import annotations
@@ -122,14 +124,27 @@ def worker(which: str, a: dict) -> None:
     _reset_peak_rss()
     base = _status_bytes("VmRSS")
     step()  # warm-up: allocator, optimizer state
-    times = []
+    times, cpu = [], []
     for _ in range(a["steps"]):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)  # CPU seconds of this process: less sensitive to a loaded machine
     peak = _status_bytes("VmHWM") - base
-    print(json.dumps(dict(which=which, step_s=times, params=params, peak_step_mib=round(peak / 2**20, 1),
-                          config=config, load_avg=_load_avg())), flush=True)
+    print(json.dumps(dict(which=which, step_s=times, cpu_s=cpu, params=params,
+                          peak_step_mib=round(peak / 2**20, 1), matmul_gflop=_matmul_gflop(lambda: loss_of(tokens).backward()), config=config,
+                          load_avg=_load_avg())), flush=True)
+
+
+def _matmul_gflop(fwd_bwd) -> float:
+    """GFLOP of one forward + backward in matrix products (mm, bmm, addmm, baddbmm, attention), counted by
+    torch.utils.flop_counter on an extra untimed step. Convolutions are left out: the counter charges the
+    depthwise (grouped) conv backward as if it were dense."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        fwd_bwd()
+    ops = counter.get_flop_counts().get("Global", {})
+    return round(sum(n for op, n in ops.items() if "conv" not in str(op)) / 1e9, 2)
 
 
 def _peer_version() -> str:
@@ -154,23 +169,29 @@ def bench_speed(a: dict, peer_python: str | None, rounds: int) -> None:
                  mem_heads=a["mem_heads"], mem_expansion=a["mem_expansion"], persist=a["persist"],
                  threads=a["threads"], steps_per_round=a["steps"], rounds=rounds)
     wargs = ["--worker-args", json.dumps(a)]
-    best = {}
+    best, best_cpu, flops = {}, {}, {}
     for r in range(rounds):
         for which, py in (("ours", sys.executable), ("peer", peer_python)):
             if py is None:
                 continue
             res = _run(py, ["--worker", which, *wargs])
             tok = a["batch"] * a["seq_len"]
-            s = min(res["step_s"])
+            s, c = min(res["step_s"]), min(res["cpu_s"])
             emit(bench="mac_train_step", impl=which, round=r, best_step_s=round(s, 4),
                  tokens_per_s=round(tok / s, 1), all_step_s=[round(x, 3) for x in res["step_s"]],
+                 best_cpu_s=round(c, 4), tokens_per_cpu_s=round(tok / c, 1), matmul_gflop=res["matmul_gflop"],
                  peak_step_mib=res["peak_step_mib"], params=res["params"], load_avg=res["load_avg"],
                  **({"config": res["config"]} if r == 0 else {}))
             best[which] = min(best.get(which, float("inf")), s)
+            best_cpu[which] = min(best_cpu.get(which, float("inf")), c)
+            flops[which] = res["matmul_gflop"]
     if "peer" in best:
-        emit(bench="mac_train_step_ratio", **shape, ours_tokens_per_s=round(a["batch"] * a["seq_len"] / best["ours"], 1),
-             peer_tokens_per_s=round(a["batch"] * a["seq_len"] / best["peer"], 1),
-             speedup_vs_titans_pytorch=round(best["peer"] / best["ours"], 2), target=">= 3x")
+        tok = a["batch"] * a["seq_len"]
+        emit(bench="mac_train_step_ratio", **shape, ours_tokens_per_s=round(tok / best["ours"], 1),
+             peer_tokens_per_s=round(tok / best["peer"], 1),
+             speedup_vs_titans_pytorch=round(best["peer"] / best["ours"], 2),
+             cpu_time_speedup=round(best_cpu["peer"] / best_cpu["ours"], 2),
+             matmul_gflop_ours=flops["ours"], matmul_gflop_peer=flops["peer"], target=">= 3x")
     else:
         emit(bench="mac_train_step_ratio", **shape, peer="not run: pass --peer-python (a venv with titans-pytorch)")
 

@@ -14,11 +14,18 @@ class ParallelConfig:
     """Tensor-parallel size (megatron-core layers); must divide the attention heads and KV heads."""
 
     dp: int = 0
-    """Data-parallel size; 0 takes what is left of the world size after tensor and pipeline parallelism."""
+    """Data-parallel size; 0 takes what is left of the world size after tensor, context and pipeline
+    parallelism."""
 
     pp: int = 1
     """Pipeline-parallel stages (DeepSpeed PipelineModule, launch/pipeline.py); at most model.n_layers, and
-    only with parallel.zero_stage 0 or 1. Ranks are ordered tp fastest, then dp, then pp (megatron's order)."""
+    only with parallel.zero_stage 0 or 1. Ranks are ordered tp fastest, then cp, then dp, then pp (megatron's
+    order)."""
+
+    cp: int = 1
+    """Context-parallel size: each of cp ranks holds a contiguous slice of every sequence (data.seq_len / cp
+    tokens; launch/context_parallel.py). Ranks are ordered tp fastest, then cp, then dp, then pp (megatron-core's
+    order); CP peers read the same batches. Not with parallel.pp > 1 yet."""
 
     backend: str = "auto"
     """torch.distributed backend: auto (nccl on CUDA, gloo on CPU), gloo or nccl."""

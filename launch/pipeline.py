@@ -13,6 +13,10 @@ Layers (DeepSpeed passes one tensor from layer to layer; see docs/pipeline.md):
     L+2    head                      h -> logits [B, T, V / tp]     head (norm, projection, padding mask)
     L+3    tied weight, last stage   logits -> logits               TiedLayerSpec "tokens" (tied only)
 
+The model is a DecoderLM or a TitansDecoderLM (memory lmm/mac/mag/mal: a TitansBlock runs its memory over the
+whole sequence inside its forward, from M_0, so the blocks are tensor -> tensor layers like the baseline's); RMT
+is refused (`check_pipeline_model`: its memory cycles from the last stage back to the first).
+
 Every rank builds the whole DecoderLM with the same seed, so its weights are the single-process ones,
 and the PipelineModule keeps the stage's own modules (the same objects, not copies). With tied
 embeddings the head keeps projecting with `embed.tokens`; the last stage registers that module as
@@ -31,12 +35,28 @@ from deepspeed.pipe import PipelineModule, TiedLayerSpec
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from torch import nn
 
+from model.config import TITANS_KINDS
+from model.titans import TitansDecoderLM
 from model.transformer import DecoderLM
 
 from .config import LayoutError
 from .groups import Layout
 
 TIED_KEY = "tokens"
+
+
+def check_pipeline_model(memory: str, pp: int) -> None:
+    """Raise LayoutError (one line) when a model of kind `memory` cannot be split into `pp` > 1 stages.
+
+    The baseline and the Titans models (lmm/mac/mag/mal) pipeline: a Titans block runs its memory over the whole
+    sequence inside its own forward (training starts every sequence from M_0), so only hidden states cross
+    stages. RMT does not (train.config.RMT_PIPELINE_ERROR).
+    """
+    from train.config import RMT_PIPELINE_ERROR
+    if pp > 1 and memory == "rmt":
+        raise LayoutError(RMT_PIPELINE_ERROR.format(pp=pp))
+    if pp > 1 and memory != "none" and memory not in TITANS_KINDS:
+        raise LayoutError(f"parallel.pp={pp} does not support model.memory={memory!r}: set parallel.pp=1")
 
 
 class _Existing(TiedLayerSpec):
@@ -115,9 +135,9 @@ def build_pipeline(model: DecoderLM, layout: Layout, *, activation_checkpoint_in
     keeping their activations (1: per layer); embedding and head are never recomputed. Blocks are split
     evenly over stages by default (`partition_method` takes DeepSpeed's names: "parameters", "uniform", ...).
     """
-    if type(model) is not DecoderLM or model.cfg.memory != "none":
-        raise LayoutError(f"parallel.pp={layout.pp} supports model.memory='none' only (got "
-                          f"{model.cfg.memory!r}): set parallel.pp=1")
+    check_pipeline_model(model.cfg.memory, layout.pp)
+    if type(model) is not DecoderLM and not isinstance(model, TitansDecoderLM):
+        raise LayoutError(f"parallel.pp={layout.pp}: {type(model).__name__} has no pipeline stages: set parallel.pp=1")
     if layout.pp > model.cfg.n_layers:
         raise LayoutError(f"parallel.pp={layout.pp} is more pipeline stages than model.n_layers="
                           f"{model.cfg.n_layers} blocks: set parallel.pp <= {model.cfg.n_layers} or add layers")

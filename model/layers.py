@@ -12,8 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.attention import attention
-
 from .config import ModelConfig
 from .factory import LayerFactory
 
@@ -94,6 +92,7 @@ class Attention(nn.Module):
         self.window = cfg.layer_window(layer)
         self.rope_theta = cfg.rope_theta
         self.backend = cfg.attention_backend
+        self.sequence = factory.sequence  # single-device, or context parallel (launch/context_parallel.py)
         qkv_out = cfg.kv_heads * (self.group + 2) * cfg.head_dim
         self.qkv = factory.column(cfg.d_model, qkv_out, std=cfg.init_std)
         self.out = factory.row(cfg.n_heads * cfg.head_dim, cfg.d_model,
@@ -112,6 +111,7 @@ class Attention(nn.Module):
         Layouts other than [meta; text] (the RMT's [meta; read memory; text; write memory]) pass their own
         `rotary` tables (cos, sin) `[N, Dh]` and/or `attend(q [B, Hq, N, Dh], k, v [B, Hkv, N, Dh])` returning
         `[B, Hq, N, Dh]` in place of the prefix/window kernel call; both default to this layer's own behaviour.
+        `pos_offset` is the global position of the first text token (a later piece, or a context-parallel slice).
         """
         B, N, _ = x.shape
         G, Dh = self.group, self.head_dim
@@ -123,8 +123,9 @@ class Attention(nn.Module):
             rotary = rotary_tables(self.num_prefix, N - self.num_prefix, Dh, self.rope_theta, x.device, pos_offset)
         cos, sin = rotary
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if attend is None:
-            o = attention(q, k, v, num_prefix=self.num_prefix, window=self.window, backend=self.backend)
+        if attend is None:  # through the sequence ops: under context parallelism keys come from other ranks too
+            o = self.sequence.attention(q, k, v, num_prefix=self.num_prefix, window=self.window,
+                                        backend=self.backend)
         else:
             o = attend(q, k, v)
         return self.out(o.transpose(1, 2).reshape(B, N, -1))

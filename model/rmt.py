@@ -31,7 +31,8 @@ the state carried equals one pass, and generation continues the segment in progr
 
 Parallelism: the blocks are the plain model's (TP through the layer factory, heads are independent, the memory
 parameters are replicated like meta tokens). Segments run one after another, so this model has no pipeline
-stages (`stages()` raises).
+stages (`stages()` raises). Context parallel: each rank holds whole segments; the memory is handed from rank
+to rank through `factory.sequence` (attention never crosses a segment, so it needs no halo).
 """
 from __future__ import annotations
 
@@ -222,6 +223,8 @@ class RMTDecoderLM(DecoderLM):
         through at most `bptt_segments` memory transitions of this call; the returned state's memory is still
         in the graph — `state.detach()` it to truncate between calls.
         """
+        if self.factory.sequence.size > 1:
+            return self._forward_context_parallel(tokens, targets, state)
         state, ids, pieces = self._prepare(tokens, targets, state)
         L, r, n = self.cfg.rmt.segment_len, state.pending.shape[1], len(pieces)
         memory, logits = state.memory, []
@@ -241,6 +244,35 @@ class RMTDecoderLM(DecoderLM):
             out = out[..., : self.cfg.vocab_size]
         return LMOutput(out, loss, self._finish_state(state, ids, pieces, memory))
 
+    def _forward_context_parallel(self, tokens, targets, state) -> LMOutput:
+        """Context parallel (`factory.sequence.size` = c > 1): tokens `[B, T_l]` is this rank's slice, a whole
+        number of segments. Rank r runs its segments after receiving rank r − 1's final memory and hands its own
+        to rank r + 1 (the gradient of the memory flows back the same way); `bptt_segments` counts global
+        segments. Returns this slice's logits, mean loss and state (the last rank's is the sequence's)."""
+        seq = self.factory.sequence
+        B, T = tokens.shape
+        L = self.cfg.rmt.segment_len
+        if state is not None or T % L:
+            raise ValueError(f"context parallel RMT takes a fresh sequence (state=None) cut into slices of whole "
+                             f"segments; got a slice of {T} tokens (model.rmt.segment_len={L})"
+                             + (" and a state" if state is not None else ""))
+        fresh, _, pieces = self._prepare(tokens, targets, None)
+        per_rank = T // L
+        first, n = seq.rank * per_rank, seq.size * per_rank  # global index of this rank's first segment, total
+        memory = seq.handoff_in(fresh.memory, differentiable=not self._detached(first, n))
+        logits = []
+        for s, piece in enumerate(pieces):
+            if s and self._detached(first + s, n):
+                memory = memory.detach()
+            seg_logits, memory = self.run_segment(piece, memory, first + s, write=True)
+            logits.append(seg_logits)
+        out = torch.cat(logits, dim=1)
+        out = seq.handoff_out(out, memory, differentiable=not self._detached(first + per_rank, n))
+        loss = None if targets is None else self.factory.cross_entropy(out, targets).mean()
+        if self.factory.tp_size == 1:
+            out = out[..., : self.cfg.vocab_size]
+        return LMOutput(out, loss, RMTState(memory, tokens[:, :0], first + per_rank))
+
     # ---- training entry points ---------------------------------------------------------------------
 
     def replay_backward(self, tokens: torch.Tensor, targets: torch.Tensor,
@@ -258,6 +290,9 @@ class RMTDecoderLM(DecoderLM):
         """
         if targets is None:
             raise ValueError("replay_backward needs targets")
+        if self.factory.sequence.size > 1:
+            raise ValueError("memory replay does not run under context parallelism yet: set "
+                             "model.rmt.memory_replay=false or parallel.cp=1")
         fresh = state is None
         state, ids, pieces = self._prepare(tokens, targets, state)
         B, T = tokens.shape

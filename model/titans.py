@@ -31,6 +31,11 @@ State (`TitansState`): per layer the memory state (kernel 3-tuple, conv tail, to
 progress, its retrieved tokens' keys/values and the memory at the segment's start), plus the text tokens seen
 (rotary positions). `model(tokens, state=s)` continues exactly where the previous call stopped, for any piece
 lengths; `generate` decodes greedily one token per call with this state as its KV cache.
+
+Context parallel (`factory.sequence`, docs/distributed.md): tokens are this rank's slice of a fresh sequence.
+MAG / MAL / LMM run the text memory stream through `TitansMemory(..., sliced=True)` (conv halo, memory state
+composed or handed across ranks) and attention through `sequence.attention`; MAC ranks hold whole segments and
+hand the memory rank to rank around their segment loop (`handoff_in` / `handoff_out`).
 """
 from __future__ import annotations
 
@@ -85,9 +90,10 @@ def _qkv(attn: Attention, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.
     (rotary applied when tables are given; the same head layout as `Attention.forward`)."""
     B, N, _ = x.shape
     G, Dh, Hkv = attn.group, attn.head_dim, attn.local_kv_heads
-    qkv = attn.qkv(x).view(B, N, Hkv, G + 2, Dh)
-    q = qkv[:, :, :, :G].reshape(B, N, Hkv * G, Dh).transpose(1, 2)
-    k, v = qkv[:, :, :, G].transpose(1, 2), qkv[:, :, :, G + 1].transpose(1, 2)
+    # split, not three slices: the backward is one cat instead of three full-size zero-filled gradients
+    q, k, v = attn.qkv(x).view(B, N, Hkv, G + 2, Dh).split([G, 1, 1], dim=3)
+    q = q.reshape(B, N, Hkv * G, Dh).transpose(1, 2)
+    k, v = k.squeeze(3).transpose(1, 2), v.squeeze(3).transpose(1, 2)
     if cos is not None:
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     return q, k, v
@@ -107,6 +113,16 @@ def _masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
 
 def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
     return b if a is None else torch.cat([a.to(b.dtype), b], dim=2)
+
+
+def _full_memory(memory: tuple) -> tuple:
+    """A fresh kernel state as the 3-tuple (memory, momentum, anchor) every later state has (the shape a
+    context-parallel hand-off needs): linear (M, S) -> (M, S, M); deep (weights, None) -> (weights, 0, weights)."""
+    if isinstance(memory[0], torch.Tensor):
+        return memory[0], memory[1], memory[0]
+    weights = tuple(memory[0])
+    momenta = tuple(torch.zeros_like(w) for w in weights) if memory[1] is None else tuple(memory[1])
+    return weights, momenta, weights
 
 
 class TitansBlock(nn.Module):
@@ -169,7 +185,7 @@ class TitansBlock(nn.Module):
         if P:
             out_p, after_p = self.memory(x[:, :P])
             mem = after_p if mem is None else mem
-        out_t, mem = self.memory(x[:, P:], mem)
+        out_t, mem = self.memory(x[:, P:], mem, sliced=True)  # context parallel: the text is this rank's slice
         return (out_t if out_p is None else torch.cat([out_p, out_t], dim=1)), mem
 
     # ---- sliding-window attention with prefix and KV cache ------------------------------------------
@@ -180,12 +196,13 @@ class TitansBlock(nn.Module):
         mask (dense [n, P + c + n]: for decoding and pieces, not for long first calls)."""
         attn, P = self.attn, self.num_prefix
         n = a.shape[1] - P
-        cos, sin = rotary_tables(P, n, attn.head_dim, self.rope_theta, a.device, seen)
+        offset = seen + attn.sequence.text_offset(n)  # context parallel: this rank's slice starts at r·n
+        cos, sin = rotary_tables(P, n, attn.head_dim, self.rope_theta, a.device, offset)
         q, k, v = _qkv(attn, a, cos, sin)
         W = attn.window
         c = 0 if kv is None else kv[0].shape[2]
-        if c == 0:
-            o = attention(q, k, v, num_prefix=P, window=W, backend=self.backend)
+        if c == 0:  # through the sequence ops: under context parallelism keys of earlier ranks are visible too
+            o = attn.sequence.attention(q, k, v, num_prefix=P, window=W, backend=self.backend)
         else:
             i = torch.arange(n, device=a.device).unsqueeze(1) + c  # query index among the c + n text keys
             j = torch.arange(c + n, device=a.device).unsqueeze(0)
@@ -206,11 +223,42 @@ class TitansBlock(nn.Module):
 
     # ---- memory as context --------------------------------------------------------------------------
 
+    def _retrieved_kv(self):
+        """The attention keys / values of retrieved tokens as a function of the memory read-out:
+        read `[B, Hl, l, Dh_mem]` -> (k, v) `[B, Hkv, l, Dh]` (no rotary), i.e. attn k/v of `memory.output(read)`.
+
+        Single device (plain bias-free nn.Linear layers): the memory's output projection and the attention's k/v
+        rows fold into one `[Hkv·2·Dh, Hl·Dh_mem]` matrix, built once per call, and the unused query rows are
+        skipped; tensor-parallel layers (row output, then column qkv) go through their own forward/backward."""
+        attn, mem = self.attn, self.memory
+        G, Dh, Hkv = attn.group, attn.head_dim, attn.local_kv_heads
+        if all(type(m) is nn.Linear and m.bias is None for m in (attn.qkv, mem.out)):
+            w_kv = attn.qkv.weight.view(Hkv, G + 2, Dh, -1)[:, G:].reshape(Hkv * 2 * Dh, -1)  # k, v rows
+            fused = w_kv @ mem.out.weight  # [Hkv·2·Dh, Hl·Dh_mem]
+
+            def kv(read: torch.Tensor):
+                B, _, l, _ = read.shape
+                k, v = F.linear(read.transpose(1, 2).reshape(B, l, -1), fused).view(B, l, Hkv, 2, Dh).unbind(3)
+                return k.transpose(1, 2), v.transpose(1, 2)
+            return kv
+
+        def kv_general(read: torch.Tensor):
+            _, k, v = _qkv(attn, mem.output(read), None, None)
+            return k, v
+        return kv_general
+
     def _mac(self, h: torch.Tensor, state: TitansLayerState | None, seen: int):
-        """MAC over h `[B, P + n, D]`: segments in order (each needs the memory its predecessor left)."""
+        """MAC over h `[B, P + n, D]`: segments in order (each needs the memory its predecessor left).
+
+        Only what depends on the previous segment's memory runs per segment: retrieval read -> retrieved k/v ->
+        segment attention -> memory update. Everything else is done for the whole call at once: text q/k/v with
+        rotary, retrieval queries, the masks (one per distinct segment shape), and after the loop the memory's
+        output projection and the gate y ⊙ σ(m) over all segments."""
         attn, mem_layer, P, L = self.attn, self.memory, self.num_prefix, self.segment_len
+        seq = attn.sequence  # context parallel: this rank's slice is whole segments (checked by the model)
         B, N, _ = h.shape
         n = N - P
+        seen = seen + seq.text_offset(n)
         a = self.attn_norm(h)
         out_p = None
         kp = vp = a.new_zeros(B, attn.local_kv_heads, 0, attn.head_dim)
@@ -220,33 +268,47 @@ class TitansBlock(nn.Module):
         cos, sin = rotary_tables(0, n, attn.head_dim, self.rope_theta, a.device, seen)
         qt, kt, vt = _qkv(attn, a[:, P:], cos, sin)  # all text at once: no dependence on the memory
         rq = mem_layer.project_query(a[:, P:])  # [B, Hl, n, Dh] retrieval queries
+        kp, vp = kp.to(kt.dtype), vp.to(vt.dtype)
         if state is None:
             mem, xkv, hkv, seg_mem = mem_layer.initial_state(B), None, None, None
+            if seq.size > 1:  # rank r > 0 continues from rank r - 1's final memory and conv tail
+                memory, conv = seq.handoff_in((_full_memory(mem.memory), mem.conv))
+                mem = MemoryState(memory, conv, seen)
         else:
             mem, xkv, hkv, seg_mem = state.memory, state.kv, state.retrieved_kv, state.segment_memory
-        r, i0, outs = seen % L, 0, []
-        while i0 < n:
-            l = min(n - i0, L - r)
+        sizes, r, left = [], seen % L, n  # the call's pieces of segments on the absolute grid
+        while left:
+            sizes.append(min(left, L - r))
+            r, left = (r + sizes[-1]) % L, left - sizes[-1]
+        # split once (a slice per segment would make autograd add a full-size zero gradient per segment)
+        pieces = zip(*(t.split(sizes, dim=2) for t in (qt, kt, vt, rq)))
+        retrieved_kv, masks = self._retrieved_kv(), {}
+        r, ys, reads = seen % L, [], []
+        for l, (q_s, k_s, v_s, rq_s) in zip(sizes, pieces):
             if r == 0:  # a new segment: retrieval reads the memory as it stands now
                 seg_mem, xkv, hkv = mem.memory[0], None, None
-            retrieved = mem_layer.output(mem_layer.read(seg_mem, rq[:, :, i0:i0 + l]))  # [B, l, D]
-            _, hk, hv = _qkv(attn, retrieved, None, None)
+            hk, hv = retrieved_kv(mem_layer.read(seg_mem, rq_s))  # h = M*_{s-1}(q): keys / values only
             hkv = (_cat(None if hkv is None else hkv[0], hk), _cat(None if hkv is None else hkv[1], hv))
-            xkv = (_cat(None if xkv is None else xkv[0], kt[:, :, i0:i0 + l]),
-                   _cat(None if xkv is None else xkv[1], vt[:, :, i0:i0 + l]))
-            i = torch.arange(l, device=h.device).unsqueeze(1) + r
-            j = torch.arange(r + l, device=h.device).unsqueeze(0)
-            causal = j <= i  # [l, r + l]: token j of the segment (and its retrieval h_j) visible to query i
-            mask = torch.cat([causal.new_ones(l, P), causal, causal], dim=1)
-            keys = torch.cat([kp.to(kt.dtype), hkv[0], xkv[0]], dim=2)
-            vals = torch.cat([vp.to(vt.dtype), hkv[1], xkv[1]], dim=2)
-            y = _out(attn, _masked(qt[:, :, i0:i0 + l], keys, vals, mask))  # [B, l, D]
-            m, mem = mem_layer(self.mem_norm(y), mem)
-            outs.append(y * torch.sigmoid(m))
-            r, i0 = (r + l) % L, i0 + l
+            xkv = (_cat(None if xkv is None else xkv[0], k_s), _cat(None if xkv is None else xkv[1], v_s))
+            mask = masks.get((r, l))
+            if mask is None:
+                i = torch.arange(l, device=h.device).unsqueeze(1) + r
+                j = torch.arange(r + l, device=h.device).unsqueeze(0)
+                causal = j <= i  # [l, r + l]: token j of the segment (and its retrieval h_j) visible to query i
+                mask = masks[(r, l)] = torch.cat([causal.new_ones(l, P), causal, causal], dim=1)
+            keys = torch.cat([kp, hkv[0], xkv[0]], dim=2)
+            vals = torch.cat([vp, hkv[1], xkv[1]], dim=2)
+            y = _out(attn, _masked(q_s, keys, vals, mask))  # [B, l, D]
+            m, mem = mem_layer(self.mem_norm(y), mem, project_out=False)  # m: read-out [B, Hl, l, Dh]
+            ys.append(y)
+            reads.append(m)
+            r = (r + l) % L
         if r == 0:
             xkv = hkv = seg_mem = None
-        text = h[:, P:] + torch.cat(outs, dim=1)
+        m = mem_layer.output(torch.cat(reads, dim=2))  # [B, n, D]: one projection for all segments
+        text = h[:, P:] + torch.cat(ys, dim=1) * torch.sigmoid(m)
+        if seq.size > 1:  # to rank r + 1; its gradient comes back through `text`'s backward
+            text = seq.handoff_out(text, (mem.memory, mem.conv))
         h = text if out_p is None else torch.cat([h[:, :P] + out_p, text], dim=1)
         return h, TitansLayerState(mem, xkv, hkv, seg_mem)
 
@@ -295,6 +357,9 @@ class TitansDecoderLM(DecoderLM):
         if targets is not None and targets.shape != tokens.shape:
             raise ValueError(f"targets shape {tuple(targets.shape)} differs from tokens shape {tuple(tokens.shape)}")
         state = self._check_state(state, tokens.shape[0])
+        seq = self.factory.sequence
+        if seq.size > 1:
+            self._check_context_parallel(tokens.shape[1], state)
         h = self.embed(tokens)
         layers = []
         for block, layer_state in zip(self.blocks, state.layers):
@@ -304,7 +369,21 @@ class TitansDecoderLM(DecoderLM):
         loss = None if targets is None else self.factory.cross_entropy(logits, targets).mean()
         if self.factory.tp_size == 1:
             logits = logits[..., : self.cfg.vocab_size]
-        return LMOutput(logits, loss, TitansState(tuple(layers), state.seen + tokens.shape[1]))
+        seen = state.seen + seq.text_offset(tokens.shape[1]) + tokens.shape[1]  # CP: up to this slice's end
+        return LMOutput(logits, loss, TitansState(tuple(layers), seen))
+
+    def _check_context_parallel(self, local_len: int, state: TitansState) -> None:
+        """Context parallel: tokens are this rank's slice of a fresh sequence (MAC: whole segments; with a short
+        conv at least conv_size - 1 tokens, the halo the next rank's conv reads)."""
+        t = self.cfg.titans
+        if any(layer is not None for layer in state.layers) or state.seen:
+            raise ValueError("context parallel Titans models take a fresh sequence (state=None) per call")
+        if self.cfg.memory == "mac" and local_len % t.segment_len:
+            raise ValueError(f"context parallel MAC needs slices of whole segments: a slice of {local_len} tokens "
+                             f"is not a multiple of model.titans.segment_len={t.segment_len}")
+        if self.cfg.memory != "mac" and t.conv_size and local_len < t.conv_size - 1:
+            raise ValueError(f"context parallel slice of {local_len} tokens is shorter than the memory's conv "
+                             f"tail (model.titans.conv_size - 1 = {t.conv_size - 1})")
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int,

@@ -46,8 +46,13 @@ class TitansConfig:
     memory_backend: str = "auto"
     """Memory kernel backend (kernels/titans): auto, chunked, triton or reference."""
 
-    theta_init: float = 0.1
-    """Initial step size θ (sigmoid of the gate projection's bias); in (0, 1)."""
+    theta_init: float = 0.001
+    """Initial step size θ (sigmoid of the gate projection's bias); in (0, 1). Small on purpose: the loss is
+    ‖M(k) − v‖² summed over the head width (no 1/Dh), and all gradients of a chunk are taken at the chunk-start
+    memory, so with momentum η one chunk of b similar keys moves M by about 2θ·b/(1 − η) times its error; much
+    above 1 the memory overshoots and diverges (θ = 0.1 gave |M(q)| ~ 1e20 and NaN logits within 512 tokens of a
+    fresh MAC model; 0.01 diverged at chunk 64). 0.001 stays bounded for chunk sizes 16 to 256, linear and deep
+    memory (tests/unit/test_titans_model.py); the learned gate can still raise θ per token in training."""
 
     eta_init: float = 0.9
     """Initial momentum η; in (0, 1)."""

@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.titans import deep_memory, init_deep_memory, linear_memory
+from kernels.titans import init_deep_memory
 
 from .config import ModelConfig
-from .factory import LayerFactory
+from .factory import LayerFactory, SequenceOps
 
 __all__ = ["MemoryState", "TitansMemory", "tree_map"]
 
@@ -83,6 +83,7 @@ class TitansMemory(nn.Module):
         self.chunk_size, self.depth, self.act = t.chunk_size, t.memory_depth, t.memory_act
         self.backend = t.memory_backend
         self.conv_size = t.conv_size
+        self.sequence = factory.sequence  # single device, or context parallel (launch/context_parallel.py)
         # Head-major layouts ([head, Dh], [head, (k|v), Dh], [head, (θ|η|α)]): a contiguous TP slice = whole heads.
         self.query = factory.column(cfg.d_model, H * Dh, std=cfg.init_std)
         self.kv = factory.column(cfg.d_model, H * 2 * Dh, std=cfg.init_std)
@@ -113,11 +114,35 @@ class TitansMemory(nn.Module):
         return MemoryState(memory, conv, 0)
 
     def _conv(self, z: torch.Tensor, tail: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Depthwise causal conv over time: z `[B, n, C]`, tail `[B, K-1, C]` (the previous K-1 inputs)."""
+        """Depthwise causal conv over time: z `[B, n, C]`, tail `[B, K-1, C]` (the previous K-1 inputs).
+
+        out[t] = sum_i w[:, i] * zz[t + i] with zz = [tail ‖ z] (F.conv1d's cross-correlation), written as K
+        shifted multiply-adds in the [B, n, C] layout: no transposes to channels-first, and a cheaper backward
+        than the depthwise convolution kernel on CPU."""
+        K, n = self.conv_size, z.shape[1]
         zz = torch.cat([tail.to(z.dtype), z], dim=1)  # [B, K-1+n, C]
-        weight = torch.cat([self.conv_q, self.conv_kv]).unsqueeze(1)  # [C, 1, K], channels as in z
-        out = F.conv1d(zz.transpose(1, 2), weight, groups=zz.shape[-1])
-        return out.transpose(1, 2), zz[:, zz.shape[1] - (self.conv_size - 1):]
+        weight = torch.cat([self.conv_q, self.conv_kv])  # [C, K], channels as in z
+        out = zz[:, :n] * weight[:, 0]
+        for i in range(1, K):
+            out = out + zz[:, i:i + n] * weight[:, i]
+        return out, zz[:, zz.shape[1] - (K - 1):]
+
+    def _projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x `[B, n, D]` -> (z = [query | kv] pre-conv `[B, n, 3·Hl·Dh]`, gate logits `[B, n, 3·Hl]`).
+
+        Single device (plain nn.Linear layers): query and kv as one matmul against the stacked weights, cheaper
+        than two small ones; tensor-parallel layers are called one by one (their forward/backward communicate).
+        The gates layer is always called as a module (tools hook it: train/inspect/gates.py)."""
+        if all(type(m) is nn.Linear for m in (self.query, self.kv)):
+            layers = (self.query, self.kv)
+            weight = torch.cat([m.weight for m in layers])
+            bias = None
+            if any(m.bias is not None for m in layers):
+                bias = torch.cat([m.weight.new_zeros(m.out_features) if m.bias is None else m.bias for m in layers])
+            z = F.linear(x, weight, bias)
+        else:
+            z = torch.cat([self.query(x), self.kv(x)], dim=-1)
+        return z, self.gates(x)
 
     def project_query(self, x: torch.Tensor) -> torch.Tensor:
         """Queries only, without the conv (MAC retrieval: a pointwise read): x `[B, n, D]` -> `[B, Hl, n, Dh]`."""
@@ -149,28 +174,44 @@ class TitansMemory(nn.Module):
 
     # ---- forward ---------------------------------------------------------------------------------------
 
-    def forward(self, x: torch.Tensor, state: MemoryState | None = None) -> tuple[torch.Tensor, MemoryState]:
+    def forward(self, x: torch.Tensor, state: MemoryState | None = None, *,
+                project_out: bool = True, sliced: bool = False) -> tuple[torch.Tensor, MemoryState]:
         """Update the memory with every token of x `[B, n, D]` and read it after each update (n >= 1).
 
         Returns out `[B, n, D]` and the state after the last token; `state=None` starts from M_0.
+        `project_out=False` returns the read-out before the output projection, `[B, Hl, n, Dh]` (MAC projects
+        the read-outs of all its segments at once with `output`).
+        `sliced=True`: x is this process's slice of a token stream split over the context-parallel ranks of
+        `factory.sequence` and `state` is the stream's state before its first slice (the same on every rank);
+        the conv tail comes from the previous rank (halo) and the memory op composes / hands off the state
+        across ranks. The returned state is the one after this slice (`seen` counts tokens of every rank up to
+        its end). With one process (the default `SequenceOps`) this is the plain call.
         """
         B, n, _ = x.shape
         if state is None:
             state = self.initial_state(B)
+        seq = self.sequence if sliced else _LOCAL
         Hl, Dh = self.heads, self.head_dim
-        z = torch.cat([self.query(x), self.kv(x)], dim=-1)  # [B, n, 3·Hl·Dh]: [q heads | (k, v) heads]
+        z, gate_logits = self._projections(x)  # z [B, n, 3·Hl·Dh]: [q heads | (k, v) heads]
         conv = state.conv
         if self.conv_size:
+            if seq.size > 1:  # the K - 1 inputs before this slice: rank 0 the stream's tail, else rank r - 1's
+                prev = seq.halo(z, self.conv_size - 1, dim=1)  # rank 0: empty, kept in the graph (it communicates)
+                conv = torch.cat([conv[:, prev.shape[1]:].to(z.dtype), prev], dim=1)
             z, conv = self._conv(z, conv)
         q = F.normalize(F.silu(z[..., :Hl * Dh].view(B, n, Hl, Dh)), dim=-1).transpose(1, 2)  # [B, Hl, n, Dh]
         kv = z[..., Hl * Dh:].view(B, n, Hl, 2, Dh).transpose(1, 2)
         k = F.normalize(F.silu(kv[..., 0, :]), dim=-1)
         v = kv[..., 1, :]
-        g = torch.sigmoid(self.gates(x)).view(B, n, self.heads, 3).permute(3, 0, 2, 1)  # [3, B, Hl, n]
-        kernel = linear_memory if self.depth == 1 else deep_memory
+        g = torch.sigmoid(gate_logits).view(B, n, self.heads, 3).permute(3, 0, 2, 1)  # [3, B, Hl, n]
+        kernel = seq.linear_memory if self.depth == 1 else seq.deep_memory
         kw = dict(chunk_size=self.chunk_size, state=state.memory, chunk_offset=state.seen % self.chunk_size,
                   backend=self.backend)
         if self.depth > 1:
             kw["act"] = self.act
         y, memory = kernel(q.contiguous(), k.contiguous(), v.contiguous(), g[0], g[1], g[2], **kw)
-        return self.output(y), MemoryState(memory, conv, state.seen + n)
+        seen = state.seen + seq.text_offset(n) + n
+        return (self.output(y) if project_out else y), MemoryState(memory, conv, seen)
+
+
+_LOCAL = SequenceOps()  # the memory over tokens this process holds alone (prefix, MAC segments)

@@ -103,6 +103,7 @@ class DecoderLM(nn.Module):
         B, T = tokens.shape
         if B == 0 or T == 0:
             raise ValueError(f"empty batch: tokens have shape {tuple(tokens.shape)}")
+        T = T * self.factory.sequence.size  # under context parallelism `tokens` is this rank's slice
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {T} tokens is longer than model.max_seq_len={self.cfg.max_seq_len}")
         lo, hi = (int(v) for v in torch.aminmax(tokens))  # one device sync for both bounds
@@ -110,11 +111,16 @@ class DecoderLM(nn.Module):
             raise ValueError(f"token ids must lie in [0, {self.cfg.vocab_size}), got min {lo} max {hi}")
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> LMOutput:
-        """tokens `[B, T]` (and optional targets `[B, T]`) -> LMOutput(logits `[B, T, V]`, mean loss)."""
+        """tokens `[B, T]` (and optional targets `[B, T]`) -> LMOutput(logits `[B, T, V]`, mean loss).
+
+        Under context parallelism (`factory.sequence`) tokens, targets and logits are this rank's slice of the
+        sequence and the loss is the mean over the slice (ranks hold equal slices: their mean is the full loss).
+        """
         self.check_tokens(tokens)
+        offset = self.factory.sequence.text_offset(tokens.shape[1])  # rotary position of the first token
         h = self.embed(tokens)
         for block in self.blocks:
-            h = block(h)
+            h = block(h, pos_offset=offset)
         logits = self.head(h)
         loss = None
         if targets is not None:

@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"# resolved config (saved to {run_dir / 'config.toml'})")
             print(to_toml(cfg), end="", flush=True)
             print(f"# model: {trainer.model.num_params():,} parameters on this rank; "
-                  f"layout: dp={trainer.layout.dp} tp={trainer.layout.tp} pp={trainer.layout.pp}", flush=True)
+                  f"layout: dp={trainer.layout.dp} tp={trainer.layout.tp} pp={trainer.layout.pp} "
+                  f"cp={trainer.layout.cp}", flush=True)
         summary = trainer.fit()
         if trainer.is_main and summary["first_loss"] is not None:
             print(f"loss {summary['first_loss']:.4f} -> {summary['last10_loss']:.4f} (mean of the last 10 steps) "

@@ -18,6 +18,11 @@ from model.errors import ModelConfigError
 
 from .configtree import ConfigError, apply_override, build
 
+RMT_PIPELINE_ERROR = ("parallel.pp={pp} cannot run model.memory='rmt': its memory flows from the last block of "
+                      "segment s back to the first block of segment s+1, a cycle through the stages that DeepSpeed's "
+                      "pipeline schedule (one pass per micro-batch) cannot express: set parallel.pp=1 and use "
+                      "parallel.tp and data parallelism (ZeRO 1-3) instead (docs/pipeline.md)")
+
 
 @dataclass
 class OptimConfig:
@@ -142,9 +147,8 @@ class Config:
             if p.engine == "torch":
                 raise ConfigError(f"parallel.pp={p.pp} runs on DeepSpeed's pipeline engine: set parallel.engine="
                                   f"'deepspeed' or 'auto'")
-            if m.memory != "none":
-                raise ConfigError(f"parallel.pp={p.pp} supports model.memory='none' only so far "
-                                  f"(got {m.memory!r}): set parallel.pp=1")
+            if m.memory == "rmt":  # the baseline and the Titans models pipeline (docs/pipeline.md)
+                raise ConfigError(RMT_PIPELINE_ERROR.format(pp=p.pp))
             if p.pp > m.n_layers:
                 raise ConfigError(f"parallel.pp={p.pp} is more pipeline stages than model.n_layers={m.n_layers}")
             if p.zero_stage > 1:

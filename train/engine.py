@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from launch.groups import Layout, data_parallel_group, tensor_parallel_group
+from launch.groups import Layout, data_context_parallel_group, data_parallel_group, tensor_parallel_group
 
 from .config import Config, ConfigError
 from .optim import average_gradients, build_optimizer, build_scheduler, clip_gradients, grad_norm
@@ -27,6 +27,13 @@ def use_deepspeed(cfg: Config, layout: Layout) -> bool:
     engine = cfg.parallel.engine
     if layout.pp > 1:
         return True  # the pipeline schedule is DeepSpeed's
+    if layout.cp > 1:
+        # gradients must be averaged over DP × CP, DeepSpeed's mpu gives it DP only: the torch loop runs CP
+        if engine == "deepspeed" or cfg.parallel.zero_stage > 0:
+            raise ConfigError(f"parallel.cp={layout.cp} runs on the torch engine without ZeRO (DeepSpeed would "
+                              f"average gradients over data parallel ranks only): set parallel.engine=\"auto\" "
+                              f"and parallel.zero_stage=0")
+        return False
     if engine == "auto":
         replay = cfg.model.memory == "rmt" and cfg.model.rmt.memory_replay  # runs its own backward
         return (layout.world > 1 or cfg.parallel.zero_stage > 0) and not replay
@@ -42,7 +49,9 @@ class TorchEngine:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule)
-        self.dp_group = data_parallel_group() if layout.dp > 1 else None
+        # CP ranks hold slices of the same sequences: their gradients are averaged like DP ones (equal slices)
+        self.dp_group = (data_context_parallel_group() if layout.cp > 1 else data_parallel_group()) \
+            if layout.dp * layout.cp > 1 else None
         self.tp_group = tensor_parallel_group() if layout.tp > 1 else None
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -104,6 +113,10 @@ class DeepSpeedEngine:
         # DeepSpeed's own protocol is backward + step per micro-batch: it counts micro-steps, reduces
         # gradients and updates only at the accumulation boundary. The trainer already divided the loss
         # by the accumulation steps, so DeepSpeed must not divide again.
+        if self.zero_stage > 0:
+            # DeepSpeed resets ZeRO's per-micro-step hook state in its own forward, which the trainer bypasses
+            # (it calls the model): without this, ZeRO-3 overwrites instead of accumulating micro-batch grads.
+            self.engine.optimizer.clear_backward_seen_flag()
         self.engine.backward(loss, scale_wrt_gas=False)
         if self.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
             # Without ZeRO DeepSpeed clips but keeps no norm; the gradients are DP-averaged by now.

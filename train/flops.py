@@ -41,7 +41,8 @@ def matmul_weights(model: nn.Module, tp_size: int = 1) -> int:
             continue
         if module is embedding and not tied:
             continue  # a lookup, not a matmul (when tied, the same matrix is the lm head's matmul)
-        total += weight.numel() * (tp_size if partition_dim(weight) is not None else 1)
+        # ZeRO-3 partitions a parameter in place (numel 0 on a rank): ds_numel is its full size
+        total += getattr(weight, "ds_numel", weight.numel()) * (tp_size if partition_dim(weight) is not None else 1)
     return total
 
 

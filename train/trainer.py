@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from data.stream import build_stream
-from launch.groups import Layout, data_parallel_group, init_parallel
+from launch.groups import Layout, data_context_parallel_group, data_parallel_group, init_parallel
 from model import LayerFactory, build_model
 
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
@@ -79,7 +79,8 @@ class Trainer:
                  default_run_dir: str = "runs/default"):
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
-        self.layout: Layout = init_parallel(cfg.parallel, self.device, n_layers=cfg.model.n_layers)
+        self.layout: Layout = init_parallel(cfg.parallel, self.device, n_layers=cfg.model.n_layers,
+                                            seq_len=cfg.data.seq_len)
         self.is_main = self.layout.rank == 0
         self.run_dir = Path(run_dir) if run_dir else Path(_agree(default_run_dir))
         seed_everything(cfg.seed)  # same on every rank: TP shards are cut from identical full weights
@@ -96,7 +97,13 @@ class Trainer:
         if self.layout.tp > 1:
             from launch.tensor_parallel import MegatronFactory
             factory = MegatronFactory()
+        if self.layout.cp > 1:  # context parallel: this rank holds a slice of every sequence
+            from launch.context_parallel import ContextParallel, check_context_parallel
+            check_context_parallel(cfg.model, cfg.data.seq_len, self.layout.cp)
+            factory.sequence = ContextParallel()
         self.model = build_model(cfg.model, factory).to(self.device)
+        from .memory_stats import GateStats  # Titans gate statistics (every rank alike; rank 0 logs them)
+        self.gate_stats = GateStats.attach(self.model)
         self.ckpt_root = self.run_dir / "checkpoints"
         resume_path = self._find_checkpoint(resume)
         if resume_path is not None and _is_weights_only(resume_path):
@@ -164,7 +171,7 @@ class Trainer:
             raise ConfigError(f"checkpoint {path} holds another model (model.{', model.'.join(changed)} differ): "
                               f"resume with the checkpoint's config ({path.parent.parent / 'config.toml'})")
         if (meta["layout"]["world"] != self.layout.world or meta["layout"]["tp"] != self.layout.tp
-                or meta["layout"].get("pp", 1) != self.layout.pp):
+                or meta["layout"].get("pp", 1) != self.layout.pp or meta["layout"].get("cp", 1) != self.layout.cp):
             raise ConfigError(f"checkpoint {path} was written with layout {meta['layout']}, this run has "
                               f"{dataclasses.asdict(self.layout)}: resume with the same layout")
         self.engine.load(path, state)
@@ -192,8 +199,8 @@ class Trainer:
         replay = self.cfg.model.memory == "rmt" and self.cfg.model.rmt.memory_replay
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         for batch in batches:
-            inputs = batch.inputs[:, :n].to(self.device)
-            targets = batch.targets[:, :n].to(self.device)
+            inputs = self._local(batch.inputs[:, :n]).to(self.device)
+            targets = self._local(batch.targets[:, :n]).to(self.device)
             if replay:
                 # memory replay runs its own segment-by-segment backward (torch engine only); it sums the
                 # micro-batches' full gradients, scaled to their mean once below
@@ -207,10 +214,7 @@ class Trainer:
                 if p.grad is not None:
                     p.grad.div_(accum)
         norm = self.engine.step()
-        if self.layout.dp > 1:
-            dist.all_reduce(total, group=data_parallel_group())
-            total /= self.layout.dp
-        return float(total), norm  # the one host sync of the step
+        return float(self._mean_over_ranks(total)), norm  # the one host sync of the step
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -222,12 +226,23 @@ class Trainer:
         total = torch.zeros((), dtype=torch.float64)
         for _ in range(self.cfg.logging.eval_batches):
             batch = next(stream)
-            total += self.engine.module(batch.inputs.to(self.device), batch.targets.to(self.device)).loss.double().cpu()
+            inputs, targets = self._local(batch.inputs).to(self.device), self._local(batch.targets).to(self.device)
+            total += self.engine.module(inputs, targets).loss.double().cpu()
         total /= self.cfg.logging.eval_batches
-        if self.layout.dp > 1:
-            dist.all_reduce(total, group=data_parallel_group())
-            total /= self.layout.dp
-        return float(total)
+        return float(self._mean_over_ranks(total))
+
+    def _local(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a `[B, T]` batch: its context-parallel slice of T (all of it without CP)."""
+        return self.model.factory.sequence.local_slice(x) if self.layout.cp > 1 else x
+
+    def _mean_over_ranks(self, total: torch.Tensor) -> torch.Tensor:
+        """Mean of a per-rank loss over DP (different batches) and CP (equal slices of the same batch)."""
+        n = self.layout.dp * self.layout.cp
+        if n > 1:
+            group = data_context_parallel_group() if self.layout.cp > 1 else data_parallel_group()
+            dist.all_reduce(total, group=group)
+            total /= n
+        return total
 
     # ---- the loop --------------------------------------------------------------------------------
 
@@ -277,6 +292,8 @@ class Trainer:
         while self.step < total:
             batches = [next(stream) for _ in range(cfg.optim.grad_accum)]
             lr = self.engine.lr  # the rate this step uses (the schedule moves on inside the step)
+            if self.gate_stats is not None:  # collected only on the steps whose scalars reach tensorboard
+                self.gate_stats.active = (self.step + 1) % cfg.logging.every == 0 or self.step + 1 == total
             loss, norm = self.train_step(batches)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss} at step {self.step}: lower optim.lr or check the data")
@@ -290,7 +307,8 @@ class Trainer:
                 flops[n] = flops_per_token(self.model, n, self.layout.tp)
             mfu = tok_s * flops[n] / (peak * self.layout.world)
             losses.append(loss)
-            self._log({"loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_s": tok_s, "mfu": mfu})
+            gates = self.gate_stats.collect() if self.gate_stats is not None else {}
+            self._log({"loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_s": tok_s, "mfu": mfu, **gates})
             if cfg.logging.eval_every and (self.step % cfg.logging.eval_every == 0 or self.step == total):
                 eval_loss = self.evaluate()
                 self._log({"eval/loss": eval_loss})

@@ -32,12 +32,16 @@ def pad_to_chunks(q, k, v, theta, eta, alpha, chunk_size: int, chunk_offset: int
     tail is padded to a multiple of b. Padding tokens get q = k = v = 0, theta = 0, eta = 1, alpha = 0, so they
     read nothing, inject nothing and carry S unchanged; but M_t = (1 - alpha) M + S would still add S at a pad,
     so :func:`gate_coefficients` also needs ``valid`` to drop the pads' columns of the forgetting carry.
-    Returns (q, k, v [B,H,NC,b,D]; theta, eta, alpha [B,H,NC,b]; valid [NC, b] bool; NC).
+    Returns (q, k, v [B,H,NC,b,D]; theta, eta, alpha [B,H,NC,b]; valid [NC, b] bool, or None when nothing
+    is padded; NC).
     """
     b, p = int(chunk_size), int(chunk_offset)
     B, H, T, _ = q.shape
     NC = math.ceil((p + T) / b)
     back = NC * b - p - T
+    if p == 0 and back == 0:  # whole chunks: views, no padded copies, no pads to mask out (valid = None)
+        return (*(x.reshape(B, H, NC, b, x.shape[-1]) for x in (q, k, v)),
+                *(g.reshape(B, H, NC, b) for g in (theta, eta, alpha)), None, NC)
 
     def _split(x, value):
         if x.dim() == 4:
@@ -62,10 +66,16 @@ def _carry(gate: torch.Tensor):
     (sigmoid gates are never exactly 0; the forward is exact).
     """
     zero = gate == 0
-    logs = torch.log(torch.where(zero, torch.ones_like(gate), gate)).cumsum(-1)
-    zeros = zero.to(torch.int32).cumsum(-1)
     b = gate.shape[-1]
     tril = torch.ones(b, b, dtype=torch.bool, device=gate.device).tril()
+    if not gate.is_cuda and not bool(zero.any()):
+        # No zero gate (sigmoid gates never are): the same products without the zero bookkeeping, fewer passes
+        # over the [.., b, b] tensors. (On CUDA the general path avoids the host sync of .any().)
+        logs = torch.log(gate).cumsum(-1)
+        diff = (logs.unsqueeze(-1) - logs.unsqueeze(-2)).masked_fill(~tril, -math.inf)
+        return torch.exp(diff), torch.exp(logs)
+    logs = torch.log(torch.where(zero, torch.ones_like(gate), gate)).cumsum(-1)
+    zeros = zero.to(torch.int32).cumsum(-1)
     keep = tril & (zeros.unsqueeze(-1) == zeros.unsqueeze(-2))
     # where before exp: above the diagonal the log difference is positive and could overflow to inf
     diff = logs.unsqueeze(-1) - logs.unsqueeze(-2)
@@ -81,8 +91,8 @@ def gate_coefficients(theta, eta, alpha, valid=None):
     to the memory, i.e. their column of Bt is zero, which makes them exact identity steps). Returns (beta [..,b], c [..,b], Ctheta [..,b,b], u [..,b], w [..,b],
     a_last [B,H,NC]) as defined in the module docstring.
     """
-    Gamma, a = _carry(eta)
-    Bt, beta = _carry(1.0 - alpha)
+    # one pass for both gates (half the small ops): carries of eta and of 1 - alpha stacked on a leading axis
+    (Gamma, Bt), (a, beta) = (x.unbind(0) for x in _carry(torch.stack([eta, 1.0 - alpha])))
     if valid is not None:
         Bt = Bt * valid.to(Bt.dtype).unsqueeze(-2)
     C = Bt @ Gamma
@@ -117,11 +127,12 @@ def linear_memory_chunked(q, k, v, theta, eta, alpha, *, chunk_size, state=None,
     beta, c, Ctheta, u, w, a_last = gate_coefficients(th, et, al, valid)
 
     A = Ctheta * (qc @ kc.transpose(-1, -2))                               # [B,H,NC,b,b]
-    AK = A @ kc                                                             # [B,H,NC,b,Dk]
+    KV = torch.cat([kc, vc], dim=-1)                                        # [B,H,NC,b,Dk+Dv]: one matmul each
+    AK, AV = (A @ KV).split([Dk, KV.shape[-1] - Dk], dim=-1)                # for K and V (fewer, wider calls)
     # boundary-map coefficients for all chunks in parallel: P [.., Dk, 2Dk], U [.., Dv, 2Dk]
     KU = torch.cat([u.unsqueeze(-1) * kc, w.unsqueeze(-1) * kc], dim=-1)   # [B,H,NC,b,2Dk]
-    P = kc.transpose(-1, -2) @ KU
-    U = 2.0 * (vc.transpose(-1, -2) @ KU)
+    P, U = (KV.transpose(-1, -2) @ KU).split([Dk, KV.shape[-1] - Dk], dim=-2)
+    U = 2.0 * U
     beta_L, c_L = beta[..., -1, None, None], c[..., -1, None, None]
     a_L = a_last[..., None, None]
 
@@ -136,10 +147,10 @@ def linear_memory_chunked(q, k, v, theta, eta, alpha, *, chunk_size, state=None,
         ZW, ZS = (Wg @ Pn - 0.5 * Un).split(Dk, dim=-1)
         W, S = bLn * W + cLn * S - 2.0 * ZW, aLn * S - 2.0 * ZS
         Wg = W
-    Ws = torch.stack(W_inits, dim=2)                                        # [B,H,NC,Dv,Dk] boundary states
-    Ss = torch.stack(S_inits, dim=2)
-    Y = ((beta.unsqueeze(-1) * qc - 2.0 * AK) @ Ws.transpose(-1, -2)
-         + (c.unsqueeze(-1) * qc) @ Ss.transpose(-1, -2) + 2.0 * (A @ vc))
+    WS = torch.cat([torch.stack(W_inits, dim=2), torch.stack(S_inits, dim=2)], dim=-1)  # [B,H,NC,Dv,2Dk]
+    # Y = (beta Q - 2 AK) W^T + (c Q) S^T + 2 AV as one matmul over the stacked [W | S] (contraction 2Dk)
+    Y = torch.cat([beta.unsqueeze(-1) * qc - 2.0 * AK, c.unsqueeze(-1) * qc], dim=-1) @ WS.transpose(-1, -2)
+    Y = Y + 2.0 * AV
     if p:   # first chunk entered mid-way: its gradients were taken at the anchor, not at W_init
         corr = -2.0 * AK[:, :, :1] @ (Wa - W_inits[0]).unsqueeze(2).transpose(-1, -2)
         Y = torch.cat([Y[:, :, :1] + corr, Y[:, :, 1:]], dim=2)
@@ -200,8 +211,9 @@ def deep_memory_chunked(q, k, v, theta, eta, alpha, state, *, chunk_size, chunk_
         # 2. read-out with every token's own (never materialised) weights
         r = Qn
         for l in range(L):
-            z = (bn * (r @ Ws[l].transpose(-1, -2)) + cn * (r @ Ss[l].transpose(-1, -2))
-                 - (Cn * (r @ inputs[l].transpose(-1, -2))) @ deltas[l])
+            dout = Ws[l].shape[-2]   # one matmul against the stacked [W; S] (rows), then the per-token mix
+            rw, rs = (r @ torch.cat([Ws[l], Ss[l]], dim=-2).transpose(-1, -2)).split(dout, dim=-1)
+            z = bn * rw + cn * rs - (Cn * (r @ inputs[l].transpose(-1, -2))) @ deltas[l]
             r = activation(z, act) if l < L - 1 else z
         ys.append(r)
         # 3. chunk-boundary state

@@ -150,16 +150,15 @@ def _per_token_grads(weights, kt, vt, act):
     """grad_W ||M_W(k) - v||^2 for every layer, by autograd (independent of the chunked form's hand backprop).
 
     kt [B,H,Dk], vt [B,H,Dv]. Heads and batch are independent, so the gradient of the sum is per (b, h).
-    The graph is kept (create_graph) whenever the caller may differentiate through it.
+    The partial derivative in W with k and v held fixed (torch.func.grad): when k itself depends on the same
+    weights (MAC: the memory's keys come from attention over tokens retrieved with this memory), a plain
+    autograd.grad(loss, W) would add the path through k. The result stays differentiable in W, k and v for the
+    caller's backward (func transforms compose with ordinary autograd).
     """
-    outer = torch.is_grad_enabled()
-    with torch.enable_grad():
-        leaves = [w if w.requires_grad else w.detach().requires_grad_(True) for w in weights]
-        out = mlp_forward(leaves, kt.unsqueeze(2), act).squeeze(2)
-        loss = ((out - vt) ** 2).sum()
-        create = outer and (any(w.requires_grad for w in weights) or kt.requires_grad or vt.requires_grad)
-        grads = torch.autograd.grad(loss, leaves, create_graph=create)
-    return grads if create else tuple(g.detach() for g in grads)
+    def loss(ws, k, v):
+        return ((mlp_forward(ws, k.unsqueeze(2), act).squeeze(2) - v) ** 2).sum()
+
+    return torch.func.grad(loss)(tuple(weights), kt, vt)
 
 
 def deep_memory_recurrent(q, k, v, theta, eta, alpha, state, *, act="gelu"):

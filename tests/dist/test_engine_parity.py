@@ -34,8 +34,9 @@ def _batch():
     return tokens[:, :-1], tokens[:, 1:]
 
 
-def _one_step(cfg, layout, device=torch.device("cpu")):
-    """Build model + engine from `cfg`, take one step on this rank's share; return loss, norm, full weights."""
+def _one_step(cfg, layout, device=torch.device("cpu"), batch=None):
+    """Build model + engine from `cfg`, take one step on this rank's share of `batch` (inputs, targets
+    `[GLOBAL_BATCH, T]`, default `_batch()`); return this rank's loss, the norm and the full updated weights."""
     from launch.tensor_parallel import MegatronFactory, gather_full
     from model import LayerFactory, build_model
     from train.engine import build_engine
@@ -44,18 +45,21 @@ def _one_step(cfg, layout, device=torch.device("cpu")):
     factory = MegatronFactory() if layout.tp > 1 else LayerFactory()
     model = build_model(cfg.model, factory)
     engine = build_engine(model, cfg, layout, run_dir=None, device=device)
-    inputs, targets = _batch()
-    per_rank = GLOBAL_BATCH // layout.dp
+    inputs, targets = batch if batch is not None else _batch()
+    per_rank = inputs.shape[0] // layout.dp
     accum = cfg.optim.grad_accum
     inputs = inputs[layout.dp_rank * per_rank:(layout.dp_rank + 1) * per_rank].chunk(accum)
     targets = targets[layout.dp_rank * per_rank:(layout.dp_rank + 1) * per_rank].chunk(accum)
+    loss = 0.0
     for x, y in zip(inputs, targets):
-        engine.backward(engine.module(x, y).loss / accum)
+        micro = engine.module(x, y).loss / accum
+        engine.backward(micro)
+        loss += float(micro.detach())
     norm = engine.step()
     state = engine.model_state()
     params = dict(model.named_parameters())
-    full = {name: gather_full(state[name], params[name]) for name in params}
-    return {"norm": norm, "params": full}
+    full = {name: gather_full(state[name], params[name]) if layout.tp > 1 else state[name] for name in params}
+    return {"loss": loss, "norm": norm, "params": full}
 
 
 def _ranks(rank: int, world: int, cases: list[tuple[int, int, int]]):
@@ -78,7 +82,11 @@ def reference():
     return _one_step(cfg, resolve_layout(cfg.parallel, 1))
 
 
-CASES_2 = [(1, 0, 1), (1, 1, 1), (1, 2, 1), (1, 3, 1), (1, 2, 2), (2, 0, 1), (2, 1, 2)]
+# ZeRO 3 with accumulation: the trainer calls the model, not DeepSpeed's engine, so ZeRO-3's per-micro-step
+# hook state (reset in DeepSpeedEngine.forward) must be reset by our engine wrapper, or every micro-batch's
+# gradient overwrites the previous one (norm 0.85 instead of 1.25): this case guards that.
+ZERO3_ACCUM = (1, 3, 2)
+CASES_2 = [(1, 0, 1), (1, 1, 1), (1, 2, 1), (1, 3, 1), (1, 2, 2), (2, 0, 1), (2, 1, 2), ZERO3_ACCUM]
 
 
 @pytest.fixture(scope="module")

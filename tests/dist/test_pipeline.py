@@ -27,7 +27,8 @@ def _config(pp: int = 1, tp: int = 1, zero: int = 0, accum: int = 1, dp: int = 1
     return load_config(None, [
         "model.vocab_size=96", "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
         "model.num_meta_tokens=2", "model.window=5", "model.global_layers=[-1]", "model.max_seq_len=32",
-        f"model.tie_embeddings={str(tied).lower()}", "model.attention_backend=\"sdpa\"", f"data.seq_len={SEQ}", "optim.lr=1e-3",
+        f"model.tie_embeddings={str(tied).lower()}", "model.attention_backend=\"sdpa\"", f"data.seq_len={SEQ}",
+        "optim.lr=1e-3",
         "optim.grad_clip=0.5", "schedule.warmup_steps=0", "schedule.steps=10", f"parallel.tp={tp}",
         f"parallel.pp={pp}", f"parallel.zero_stage={zero}", f"optim.grad_accum={accum}",
         f"parallel.engine=\"{engine}\"", "device=\"cpu\"", f"data.batch_size={GLOBAL_BATCH // (accum * dp)}"])
@@ -45,14 +46,16 @@ def _model(cfg, layout):
     return build_model(cfg.model, MegatronFactory() if layout.tp > 1 else LayerFactory())
 
 
-def _pipeline_step(cfg, layout, interval: int, ckpt_dir: str | None = None) -> dict:
+def _pipeline_step(cfg, layout, interval: int, ckpt_dir: str | None = None, batch=None) -> dict:
+    """One pipeline-engine step on this rank's share of `batch` (default `_batch()`): loss, the initial
+    weights' eval loss, norm and this stage's updated weights (TP shards gathered) under DecoderLM names."""
     from launch.pipeline import PipelineEngine, stage_parameters
     from launch.tensor_parallel import gather_full
 
     model = _model(cfg, layout)
     engine = PipelineEngine(model, cfg, layout, run_dir=None, bf16=False, activation_checkpoint_interval=interval)
-    inputs, targets = _batch()
-    per_rank = GLOBAL_BATCH // layout.dp
+    inputs, targets = batch if batch is not None else _batch()
+    per_rank = inputs.shape[0] // layout.dp
     rows = slice(layout.dp_rank * per_rank, (layout.dp_rank + 1) * per_rank)
     accum = cfg.optim.grad_accum
     batches = list(zip(inputs[rows].chunk(accum), targets[rows].chunk(accum)))
@@ -135,9 +138,16 @@ def two_ranks(tmp_path_factory):
     return run_ranks(_ranks, 2, CASES_2, str(tmp_path_factory.mktemp("pipeline_ckpt")))
 
 
+def _ranks_with_memory(rank: int, world: int, cases: list[tuple], memory_cases: list[tuple]) -> dict:
+    """The baseline's `cases` and tests/dist/test_memory_parity.py's `memory_cases` in one spawn."""
+    from tests.dist.test_memory_parity import memory_ranks
+    return {**_ranks(rank, world, cases), **memory_ranks(rank, world, memory_cases)}
+
+
 @pytest.fixture(scope="module")
 def four_ranks():
-    return run_ranks(_ranks, 4, CASES_4)
+    from tests.dist.test_memory_parity import CASES_4 as MEMORY_CASES_4
+    return run_ranks(_ranks_with_memory, 4, CASES_4, MEMORY_CASES_4)
 
 
 @pytest.mark.parametrize("case", CASES_2,
@@ -158,6 +168,16 @@ def test_pipeline_checkpoint_restores_every_stage(two_ranks):
 @pytest.mark.parametrize("case", CASES_4, ids=["pp2xtp2-zero0-micro2", "pp2xdp2-zero1-micro2-ckpt1"])
 def test_pp2_with_tp_or_dp_reproduces_single_process(references, four_ranks, case):
     _check(references, four_ranks, case)
+
+
+@pytest.mark.slow
+def test_mac_pp2_by_tp2_reproduces_single_process(four_ranks):
+    """The Titans MAC model (tests/dist/test_memory_parity.py) at PP 2 × TP 2, in this module's 4-rank spawn."""
+    from tests.dist.test_memory_parity import CASES_4 as MEMORY_CASES_4
+    from tests.dist.test_memory_parity import check_case, reference_steps
+    case = MEMORY_CASES_4[0]
+    assert {r[case]["stage"] for r in four_ranks} == {0, 1}
+    check_case(reference_steps(), four_ranks, case)
 
 
 @pytest.mark.parametrize("overrides, world, n_layers, key", [
