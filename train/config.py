@@ -7,7 +7,6 @@ values that involve several sections (`Config.validate`); every failure is a Con
 """
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from launch.config import ParallelConfig
 from model.config import ModelConfig
 from model.errors import ModelConfigError
 
-from .configtree import ConfigError, apply_override, build
+from .configtree import ConfigError, apply_override, build, read_toml
 
 RMT_PIPELINE_ERROR = ("parallel.pp={pp} cannot run model.memory='rmt': its memory flows from the last block of "
                       "segment s back to the first block of segment s+1, a cycle through the stages that DeepSpeed's "
@@ -191,15 +190,7 @@ class Config:
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Config from a TOML file (or the defaults when `path` is None) plus `--set` overrides, validated."""
-    tree: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} not found (the files shipped are in configs/)")
-        try:
-            tree = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    tree = {} if path is None else read_toml(path, what="config file", where="configs/")
     for text in overrides:
         apply_override(tree, text)
     cfg = build(Config, tree)

@@ -70,6 +70,19 @@ def build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+def read_toml(path, *, what: str, where: str) -> dict[str, Any]:
+    """The table tree of the TOML file `path`; one-line ConfigError when it is missing (naming `where` the shipped
+    files are) or malformed. `what` names the file in messages ("config file", "experiment preset")."""
+    from pathlib import Path
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} not found (the files shipped are in {where})")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{what} {path} is not valid TOML: {e}") from None
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """'a.b=value' -> (['a', 'b'], value); the value is read as TOML, else taken as a plain string."""
     if "=" not in text:

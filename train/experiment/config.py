@@ -7,14 +7,13 @@ is derived from it by `variant_model` so all have the same width and depth and d
 from __future__ import annotations
 
 import copy
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from model.config import ModelConfig
 from model.errors import ModelConfigError
 
-from ..configtree import ConfigError, apply_override, build
+from ..configtree import ConfigError, apply_override, build, read_toml
 
 VARIANTS = ("window", "meta", "rmt", "lmm", "mac", "mag", "mal")
 """window: the sliding-window baseline; meta: the same plus `meta_tokens` meta tokens; the rest: model.memory."""
@@ -214,13 +213,7 @@ def variant_model(cfg: LongContextConfig, variant: str) -> ModelConfig:
 
 def load_experiment_config(path: str | Path, overrides: list[str] = ()) -> LongContextConfig:
     """Read a preset, apply `--set` overrides, build and validate; ConfigError for anything wrong."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"experiment config {path} not found (presets are in configs/experiments/)")
-    try:
-        tree = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path} is not valid TOML: {e}") from None
+    tree = read_toml(path, what="experiment config", where="configs/experiments/")
     for text in overrides:
         apply_override(tree, text)
     cfg = build(LongContextConfig, tree)

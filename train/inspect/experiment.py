@@ -18,10 +18,10 @@ import shutil
 import subprocess
 import sys
 import time
-import tomllib
 from argparse import Namespace
 from pathlib import Path
 
+from ..configtree import ConfigError, read_toml
 from .load import InspectError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,12 +30,10 @@ EXPERIMENT_KEYS = {"meta_tokens", "k", "inspect_windows"}
 
 def load_preset(path: Path) -> tuple[dict, dict]:
     """(experiment table, train config tree) of a preset file; InspectError for a missing or malformed one."""
-    if not path.is_file():
-        raise InspectError(f"experiment preset {path} not found (presets are in configs/experiments/)")
     try:
-        tree = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise InspectError(f"experiment preset {path} is not valid TOML: {e}") from None
+        tree = read_toml(path, what="experiment preset", where="configs/experiments/")
+    except ConfigError as e:
+        raise InspectError(str(e)) from None
     exp, train = tree.get("experiment"), tree.get("train")
     if not isinstance(exp, dict) or not isinstance(train, dict) or set(tree) - {"experiment", "train"}:
         raise InspectError(f"{path} must hold exactly the tables [experiment] and [train]")
@@ -166,7 +164,7 @@ def summary_markdown(preset: Path, run_dir: Path, out: Path, cfg, exp: dict, res
                      f"{max(x['text_max'] / x['text_median'] for x in rows):.2f} | "
                      f"{_mean_pct(att, 'share_first')} ({_mean_pct(att, 'uniform_first')}) | "
                      f"{_mean_pct(att, 'share_meta')} ({_mean_pct(att, 'uniform_meta')}) |")
-    lines += ["", f"Per block (attention of block l; outliers of the stream block l reads):", "",
+    lines += ["", "Per block (attention of block l; outliers of the stream block l reads):", "",
               f"| meta tokens | quantity | {head} |", "|---|---|" + "---|" * L]
     for r in results:
         att = [x for x in r["rows"] if x["share_first"] is not None]
