@@ -1,6 +1,6 @@
 """Training throughput and MFU per parallel layout, as ratios to the single-process run measured alongside.
 
-    python benchmarks/train.py [--steps 30] [--data data_cache/stdlib] [--layouts single dp2 tp2 pp2 dp2-zero3]
+    python benchmarks/train.py [--steps 30] [--data data_cache/stdlib] [--layouts single dp2 tp2 pp2 cp2 dp2-zero3]
                                [--memory none mac]
     python benchmarks/train.py --gpu --config configs/gpu_1b.toml     # on a CUDA machine: MFU at ~1B,
                                                                       # baseline, MAC and MAG (--memory)
@@ -29,11 +29,13 @@ LAYOUTS = {  # name: (ranks, extra --set overrides)
     "dp2-zero3": (2, ["parallel.zero_stage=3"]),
     "tp2": (2, ["parallel.tp=2"]),
     "pp2": (2, ["parallel.pp=2", "optim.grad_accum=2", "data.batch_size=2"]),  # same 4 sequences a step
+    "cp2": (2, ["parallel.cp=2"]),  # each rank half of every sequence: the same 4 sequences a step
 }
 MEMORY = {  # model.memory: extra --set overrides (MAC segments of 64 on the 256-token sequences)
     "none": [],
     "mac": ["model.memory=\"mac\"", "model.titans.segment_len=64"],
     "mag": ["model.memory=\"mag\""],
+    "rmt": ["model.memory=\"rmt\"", "model.rmt.segment_len=64", "model.rmt.num_memory=8"],
 }
 SMALL = ["model.d_model=256", "model.n_layers=4", "model.n_heads=8", "model.n_kv_heads=4", "model.num_meta_tokens=16",
          "model.window=128", "model.global_layers=[-1]", "data.seq_len=256", "data.batch_size=4",

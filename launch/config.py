@@ -18,14 +18,15 @@ class ParallelConfig:
     parallelism."""
 
     pp: int = 1
-    """Pipeline-parallel stages (DeepSpeed PipelineModule, launch/pipeline.py); at most model.n_layers, and
-    only with parallel.zero_stage 0 or 1. Ranks are ordered tp fastest, then cp, then dp, then pp (megatron's
+    """Pipeline-parallel stages (DeepSpeed PipelineModule, launch/pipeline.py; RMT: launch/rmt_pipeline.py's
+    schedule); at most model.n_layers, and only with parallel.zero_stage 0 or 1 (0 for RMT). Ranks are ordered tp fastest, then cp, then dp, then pp (megatron's
     order)."""
 
     cp: int = 1
     """Context-parallel size: each of cp ranks holds a contiguous slice of every sequence (data.seq_len / cp
     tokens; launch/context_parallel.py). Ranks are ordered tp fastest, then cp, then dp, then pp (megatron-core's
-    order); CP peers read the same batches. Not with parallel.pp > 1 yet."""
+    order); CP peers read the same batches. Gradients are averaged, and ZeRO partitions, over data × context
+    parallel ranks. With parallel.pp > 1 each stage is context parallel (not for model.memory = "rmt")."""
 
     backend: str = "auto"
     """torch.distributed backend: auto (nccl on CUDA, gloo on CPU), gloo or nccl."""
@@ -42,4 +43,5 @@ class ParallelConfig:
     activations (1 = every block, 0 = off)."""
 
     zero_stage: int = 0
-    """DeepSpeed ZeRO stage 0-3 (partitions optimizer state, gradients, parameters over data parallel)."""
+    """DeepSpeed ZeRO stage 0-3 (partitions optimizer state, gradients, parameters over data × context
+    parallel ranks)."""

@@ -29,7 +29,16 @@ def deepspeed_json(*, micro_batch: int, grad_accum: int, zero_stage: int, grad_c
 
 
 class MegatronMPU:
-    """The model-parallel unit DeepSpeed expects, backed by megatron-core's groups (model parallel = TP)."""
+    """The model-parallel unit DeepSpeed expects, backed by megatron-core's groups (model parallel = TP).
+
+    With context parallelism (`with_context_parallel=True`) DeepSpeed's "data parallel" group is megatron-core's
+    data × context parallel group: CP ranks hold equal slices of the same sequences, so their gradients are
+    averaged like DP ones, and ZeRO partitions over all of them (megatron-core's distributed optimizer does the
+    same).
+    """
+
+    def __init__(self, with_context_parallel: bool = False):
+        self.with_context_parallel = with_context_parallel
 
     def get_model_parallel_group(self):
         return ps.get_tensor_model_parallel_group()
@@ -48,13 +57,13 @@ class MegatronMPU:
         return ps.get_tensor_model_parallel_src_rank()
 
     def get_data_parallel_group(self):
-        return ps.get_data_parallel_group()
+        return ps.get_data_parallel_group(with_context_parallel=self.with_context_parallel)
 
     def get_data_parallel_rank(self) -> int:
-        return ps.get_data_parallel_rank()
+        return ps.get_data_parallel_rank(with_context_parallel=self.with_context_parallel)
 
     def get_data_parallel_world_size(self) -> int:
-        return ps.get_data_parallel_world_size()
+        return ps.get_data_parallel_world_size(with_context_parallel=self.with_context_parallel)
 
 
 def bf16_supported(device: torch.device) -> bool:

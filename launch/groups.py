@@ -55,9 +55,6 @@ def resolve_layout(cfg: ParallelConfig, world: int, rank: int = 0, *, n_layers: 
         raise LayoutError(f"parallel.cp={cp} × parallel.tp={cfg.tp} × parallel.pp={pp} does not divide the world "
                           f"size {world}: launch a multiple of {cfg.tp * pp * max(cp, 1)} processes or change "
                           f"parallel.cp")
-    if cp > 1 and pp > 1:
-        raise LayoutError(f"parallel.cp={cp} with parallel.pp={pp} is not supported yet (the pipeline engine "
-                          f"passes whole sequences): set parallel.cp=1 or parallel.pp=1")
     if seq_len is not None and seq_len % cp:
         raise LayoutError(f"data.seq_len={seq_len} is not divisible by parallel.cp={cp}: every CP rank holds an "
                           f"equal slice; use a multiple of {cp}")
@@ -72,8 +69,8 @@ def resolve_layout(cfg: ParallelConfig, world: int, rank: int = 0, *, n_layers: 
         raise LayoutError(f"parallel.dp={cfg.dp} × parallel.tp={cfg.tp} × parallel.cp={cp} × parallel.pp={pp} "
                           f"!= world size {world}: set parallel.dp={dp} or 0 (derived)")
     # Megatron's order: tensor-parallel ranks are adjacent (fastest), context-parallel ranks stride by tp,
-    # data-parallel ranks by tp × cp, pipeline stages by tp × cp × dp (with cp = 1 DeepSpeed's
-    # PipeModelDataParallelTopology lays ranks out the same way).
+    # data-parallel ranks by tp × cp, pipeline stages by tp × cp × dp (DeepSpeed's PipeModelDataParallelTopology
+    # lays ranks out the same way, with its data axis = cp_rank + cp · dp_rank).
     return Layout(world=world, rank=rank, tp=cfg.tp, dp=dp, tp_rank=rank % cfg.tp,
                   dp_rank=(rank // (cfg.tp * cp)) % dp, pp=pp, pp_rank=rank // (cfg.tp * cp * dp),
                   cp=cp, cp_rank=(rank // cfg.tp) % cp)

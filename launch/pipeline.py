@@ -14,15 +14,17 @@ Layers (DeepSpeed passes one tensor from layer to layer; see docs/pipeline.md):
     L+3    tied weight, last stage   logits -> logits               TiedLayerSpec "tokens" (tied only)
 
 The model is a DecoderLM or a TitansDecoderLM (memory lmm/mac/mag/mal: a TitansBlock runs its memory over the
-whole sequence inside its forward, from M_0, so the blocks are tensor -> tensor layers like the baseline's); RMT
-is refused (`check_pipeline_model`: its memory cycles from the last stage back to the first).
+whole sequence inside its forward, from M_0, so the blocks are tensor -> tensor layers like the baseline's). RMT
+has its own schedule (launch/rmt_pipeline.py: its memory cycles from the last stage back to the first).
 
 Every rank builds the whole DecoderLM with the same seed, so its weights are the single-process ones,
 and the PipelineModule keeps the stage's own modules (the same objects, not copies). With tied
 embeddings the head keeps projecting with `embed.tokens`; the last stage registers that module as
 DeepSpeed's tied module "tokens", so it owns the weight, its gradient is all-reduced with the first
-stage's and it is updated alike. Ranks are laid out as megatron's groups are (tp fastest, then dp, then
-pp) by DeepSpeed's PipeModelDataParallelTopology.
+stage's and it is updated alike. Ranks are laid out as megatron's groups are (tp fastest, then cp, dp, pp)
+by DeepSpeed's PipeModelDataParallelTopology, whose data axis is data × context parallel. Context parallel
+inside a stage: each rank gets its slice of the sequences (`train_batch`), the blocks reach the other slices
+through `factory.sequence` (halo, gathered K/V, memory hand-off) exactly as without pipelining.
 """
 from __future__ import annotations
 
@@ -50,11 +52,13 @@ def check_pipeline_model(memory: str, pp: int) -> None:
 
     The baseline and the Titans models (lmm/mac/mag/mal) pipeline: a Titans block runs its memory over the whole
     sequence inside its own forward (training starts every sequence from M_0), so only hidden states cross
-    stages. RMT does not (train.config.RMT_PIPELINE_ERROR).
+    stages. RMT does not: its memory cycles from the last stage of segment s back to the first stage of segment s+1,
+    which DeepSpeed's schedule (one pass per micro-batch) cannot express; launch/rmt_pipeline.py runs it.
     """
-    from train.config import RMT_PIPELINE_ERROR
     if pp > 1 and memory == "rmt":
-        raise LayoutError(RMT_PIPELINE_ERROR.format(pp=pp))
+        raise LayoutError(f"DeepSpeed's pipeline schedule cannot run model.memory='rmt' at parallel.pp={pp} (its "
+                          f"memory cycles from the last stage back to the first): use launch.rmt_pipeline."
+                          f"RMTPipelineEngine, which the trainer picks for RMT")
     if pp > 1 and memory != "none" and memory not in TITANS_KINDS:
         raise LayoutError(f"parallel.pp={pp} does not support model.memory={memory!r}: set parallel.pp=1")
 
@@ -129,7 +133,7 @@ def pipeline_to_model_names(model: DecoderLM, keys) -> dict[str, str]:
 
 def build_pipeline(model: DecoderLM, layout: Layout, *, activation_checkpoint_interval: int = 0,
                    partition_method: str | None = None) -> PipelineModule:
-    """The DeepSpeed PipelineModule of `model` over the layout's tp × dp × pp ranks (collective).
+    """The DeepSpeed PipelineModule of `model` over the layout's tp × cp × dp × pp ranks (collective).
 
     `activation_checkpoint_interval` k > 0 recomputes every k consecutive blocks in the backward instead of
     keeping their activations (1: per layer); embedding and head are never recomputed. Blocks are split
@@ -154,13 +158,17 @@ def build_pipeline(model: DecoderLM, layout: Layout, *, activation_checkpoint_in
     if tied:
         layers.append(_Existing(TIED_KEY, tokens, forward_fn=_tied_weight_holder))
     block_types = sorted({type(b).__name__ for b in model.blocks})
-    topology = PipeModelDataParallelTopology(num_pp=layout.pp, num_mp=layout.tp, num_dp=layout.dp)
+    # DeepSpeed's data axis is data × context parallel (cp fastest): the pipeline engine averages gradients and
+    # losses over it, which is right for CP ranks too (equal slices of the same sequences).
+    topology = PipeModelDataParallelTopology(num_pp=layout.pp, num_mp=layout.tp, num_dp=layout.dp * layout.cp)
     coord = topology.get_coord(layout.rank)
-    if (coord.pipe, coord.data, coord.model) != (layout.pp_rank, layout.dp_rank, layout.tp_rank):
+    data_rank = layout.cp_rank + layout.cp * layout.dp_rank
+    if (coord.pipe, coord.data, coord.model) != (layout.pp_rank, data_rank, layout.tp_rank):
         raise RuntimeError(f"rank {layout.rank}: DeepSpeed topology {coord} disagrees with the layout {layout}")
     from megatron.core import parallel_state as ps
-    if ps.model_parallel_is_initialized() and (ps.get_pipeline_model_parallel_rank(), ps.get_data_parallel_rank(),
-                                               ps.get_tensor_model_parallel_rank()) != tuple(coord):
+    if ps.model_parallel_is_initialized() and (
+            ps.get_pipeline_model_parallel_rank(), ps.get_data_parallel_rank(with_context_parallel=True),
+            ps.get_tensor_model_parallel_rank()) != tuple(coord):
         raise RuntimeError(f"rank {layout.rank}: megatron-core's groups disagree with DeepSpeed's topology {coord}")
     return PipelineModule(
         layers=layers, topology=topology, loss_fn=PipelineLoss(model.factory),
@@ -245,6 +253,8 @@ class PipelineEngine:
             from launch.groups import tensor_parallel_group
             self.tp_group = tensor_parallel_group()
         self._norm = float("nan")
+        # context parallel: every stage gets this rank's slice of the sequences (the blocks exchange halos)
+        self._local = model.factory.sequence.local_slice if layout.cp > 1 else None
         self._take_model_step = self.engine._take_model_step
         self.engine._take_model_step = self._clip_then_step  # runs inside train_batch, after the reductions
 
@@ -258,15 +268,17 @@ class PipelineEngine:
                         p.grad.mul_(scale)
         return self._take_model_step(*args, **kwargs)
 
-    @staticmethod
-    def _pairs(batches, tokens: int | None):
+    def _pairs(self, batches, tokens: int | None):
         for b in batches:
             x, y = (b.inputs, b.targets) if hasattr(b, "inputs") else b
-            yield (x[:, :tokens], y[:, :tokens]) if tokens else (x, y)
+            if tokens:
+                x, y = x[:, :tokens], y[:, :tokens]
+            yield (self._local(x), self._local(y)) if self._local is not None else (x, y)
 
     def train_batch(self, batches, tokens: int | None = None) -> float:
         """One optimizer step over the micro-batches `batches` (objects with .inputs/.targets, or pairs);
-        returns the loss averaged over micro-batches and data-parallel ranks, on every rank."""
+        returns the loss averaged over micro-batches and data (× context) parallel ranks, on every rank.
+        Batches are whole sequences: under context parallelism each rank takes its slice here."""
         if len(batches) != self.engine.micro_batches:
             raise ValueError(f"the pipeline engine takes {self.engine.micro_batches} micro-batches a step "
                              f"(optim.grad_accum), got {len(batches)}")

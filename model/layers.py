@@ -101,7 +101,7 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        pos_offset: int = 0,
+        pos_offset: int | None = None,
         *,
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
         attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
@@ -111,7 +111,8 @@ class Attention(nn.Module):
         Layouts other than [meta; text] (the RMT's [meta; read memory; text; write memory]) pass their own
         `rotary` tables (cos, sin) `[N, Dh]` and/or `attend(q [B, Hq, N, Dh], k, v [B, Hkv, N, Dh])` returning
         `[B, Hq, N, Dh]` in place of the prefix/window kernel call; both default to this layer's own behaviour.
-        `pos_offset` is the global position of the first text token (a later piece, or a context-parallel slice).
+        `pos_offset` is the global position of the first text token (a later piece, or a context-parallel slice);
+        None: the start of this rank's slice of a fresh sequence (0 without context parallelism).
         """
         B, N, _ = x.shape
         G, Dh = self.group, self.head_dim
@@ -120,6 +121,8 @@ class Attention(nn.Module):
         k = qkv[:, :, :, G].transpose(1, 2)  # [B, Hkv, N, Dh]
         v = qkv[:, :, :, G + 1].transpose(1, 2)
         if rotary is None:
+            if pos_offset is None:  # a pipeline stage calls blocks with h only
+                pos_offset = self.sequence.text_offset(N - self.num_prefix)
             rotary = rotary_tables(self.num_prefix, N - self.num_prefix, Dh, self.rope_theta, x.device, pos_offset)
         cos, sin = rotary
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)

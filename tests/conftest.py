@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +17,20 @@ if ROOT not in sys.path:
 # lock file of a build that was killed, and ~/.cache outlives a test run: keep the build in the checkout
 # (inherited by every rank the tests start), so a fresh clone never meets a stale lock.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, ".cache", "torch_extensions"))
+
+
+_SESSION_START = time.time()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Unlink the shared-memory buffers DeepSpeed's CPU backend left by ranks this session started (the e2e
+    launcher runs; tests/dist/spawn.py removes its own): ~66 MB of RAM each until reboot otherwise."""
+    for path in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"):
+        try:
+            if path.stat().st_mtime >= _SESSION_START:
+                path.unlink()
+        except OSError:
+            pass
 
 
 def pytest_collection_modifyitems(config, items):

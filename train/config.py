@@ -17,10 +17,6 @@ from model.errors import ModelConfigError
 
 from .configtree import ConfigError, apply_override, build, read_toml
 
-RMT_PIPELINE_ERROR = ("parallel.pp={pp} cannot run model.memory='rmt': its memory flows from the last block of "
-                      "segment s back to the first block of segment s+1, a cycle through the stages that DeepSpeed's "
-                      "pipeline schedule (one pass per micro-batch) cannot express: set parallel.pp=1 and use "
-                      "parallel.tp and data parallelism (ZeRO 1-3) instead (docs/pipeline.md)")
 
 
 @dataclass
@@ -142,12 +138,27 @@ class Config:
             raise ConfigError(f"parallel.zero_stage={p.zero_stage} must be 0, 1, 2 or 3")
         if p.zero_stage and p.engine == "torch":
             raise ConfigError(f"parallel.zero_stage={p.zero_stage} needs parallel.engine='deepspeed' (or 'auto')")
+        sequential_cp = m.memory in ("rmt", "mac") or (m.memory in ("lmm", "mag", "mal") and m.titans.memory_depth > 1)
+        if p.cp > 1 and p.zero_stage == 3 and sequential_cp:
+            raise ConfigError(f"parallel.zero_stage=3 cannot run parallel.cp={p.cp} with model.memory={m.memory!r}"
+                              f"{' (deep memory)' if m.memory not in ('rmt', 'mac') else ''}: its CP ranks run one "
+                              f"after another (memory handed rank to rank) while ZeRO-3 gathers every weight with a "
+                              f"collective, a deadlock; use parallel.zero_stage <= 2")
         if p.pp > 1:
             if p.engine == "torch":
                 raise ConfigError(f"parallel.pp={p.pp} runs on DeepSpeed's pipeline engine: set parallel.engine="
                                   f"'deepspeed' or 'auto'")
-            if m.memory == "rmt":  # the baseline and the Titans models pipeline (docs/pipeline.md)
-                raise ConfigError(RMT_PIPELINE_ERROR.format(pp=p.pp))
+            if m.memory == "rmt":  # RMT runs its own pipeline schedule (launch/rmt_pipeline.py, docs/pipeline.md)
+                if m.rmt.memory_replay:
+                    raise ConfigError(f"model.rmt.memory_replay cannot run with parallel.pp={p.pp} (it recomputes "
+                                      f"segments on one process): set model.rmt.memory_replay=false or parallel.pp=1")
+                if p.zero_stage:
+                    raise ConfigError(f"parallel.pp={p.pp} with model.memory='rmt' runs memtrain's RMT pipeline "
+                                      f"schedule, which has no ZeRO: set parallel.zero_stage=0")
+                if p.cp > 1:
+                    raise ConfigError(f"parallel.pp={p.pp} with parallel.cp={p.cp} cannot run model.memory='rmt' "
+                                      f"(the RMT pipeline schedule passes whole segments): set parallel.cp=1 or "
+                                      f"parallel.pp=1")
             if p.pp > m.n_layers:
                 raise ConfigError(f"parallel.pp={p.pp} is more pipeline stages than model.n_layers={m.n_layers}")
             if p.zero_stage > 1:

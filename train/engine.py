@@ -27,13 +27,6 @@ def use_deepspeed(cfg: Config, layout: Layout) -> bool:
     engine = cfg.parallel.engine
     if layout.pp > 1:
         return True  # the pipeline schedule is DeepSpeed's
-    if layout.cp > 1:
-        # gradients must be averaged over DP × CP, DeepSpeed's mpu gives it DP only: the torch loop runs CP
-        if engine == "deepspeed" or cfg.parallel.zero_stage > 0:
-            raise ConfigError(f"parallel.cp={layout.cp} runs on the torch engine without ZeRO (DeepSpeed would "
-                              f"average gradients over data parallel ranks only): set parallel.engine=\"auto\" "
-                              f"and parallel.zero_stage=0")
-        return False
     if engine == "auto":
         replay = cfg.model.memory == "rmt" and cfg.model.rmt.memory_replay  # runs its own backward
         return (layout.world > 1 or cfg.parallel.zero_stage > 0) and not replay
@@ -100,7 +93,8 @@ class DeepSpeedEngine:
         if layout.rank == 0 and run_dir is not None:  # saved with the run, for the record
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "deepspeed.json").write_text(json.dumps(self.json, indent=2))
-        mpu = MegatronMPU() if dist.is_initialized() else None
+        # with CP, DeepSpeed's "data parallel" group is DP × CP (gradients averaged, ZeRO partitioned over both)
+        mpu = MegatronMPU(with_context_parallel=layout.cp > 1) if dist.is_initialized() else None
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.json, mpu=mpu)
         self.module = self.engine.module

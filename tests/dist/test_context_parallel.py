@@ -205,9 +205,15 @@ TRAIN_CASES = {
 }
 
 
-def _train_config(case: str, cp: int):
+# CP = 2 also through DeepSpeed: its "data parallel" group is DP × CP (gradients averaged, ZeRO partitioned there)
+ZERO_CASES = {"baseline": (1, 2, 3), "rmt": (1,), "titans_mac": (2,)}  # ZeRO-3: see test_cp_layout_order_and_errors
+
+
+def _train_config(case: str, cp: int, zero: int | None = None):
     from train.config import load_config
-    return load_config(None, [
+    engine = ["parallel.engine=\"torch\""] if zero is None else [f"parallel.engine=\"deepspeed\"",
+                                                                  f"parallel.zero_stage={zero}"]
+    return load_config(None, [*engine,
         "model.vocab_size=96", "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.max_seq_len=32",
         "model.attention_backend=\"sdpa\"", f"data.seq_len={T}", "data.batch_size=2", "optim.lr=1e-3",
         "optim.grad_clip=0.5", "schedule.warmup_steps=0", "schedule.steps=10", f"parallel.cp={cp}",
@@ -215,7 +221,7 @@ def _train_config(case: str, cp: int):
 
 
 def _train_rank(rank: int, world: int) -> dict:
-    """One optimizer step of the torch engine (the trainer's for CP): CP = 2 on this rank's slices vs one process."""
+    """One optimizer step: CP = 2 on this rank's slices (torch engine, DeepSpeed ZeRO 1-3) vs one process."""
     from launch.config import ParallelConfig
     from launch.context_parallel import ContextParallel
     from launch.groups import init_parallel, resolve_layout
@@ -231,24 +237,28 @@ def _train_rank(rank: int, world: int) -> dict:
         tokens = torch.randint(0, 96, (2, T + 1), generator=gen)
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         steps = {}
-        for cp in (1, world):
-            cfg = _train_config(case, cp)
+        for cp, zero in ((1, None), (world, None), *((world, z) for z in ZERO_CASES[case])):
+            cfg = _train_config(case, cp, zero)
             layout = resolve_layout(cfg.parallel, cp, rank if cp > 1 else 0, seq_len=T)
             factory = LayerFactory()
             if cp > 1:
                 factory.sequence = ContextParallel()
             torch.manual_seed(0)
             model = build_model(cfg.model, factory)
+            names = [n for n, _ in model.named_parameters()]
             engine = build_engine(model, cfg, layout, run_dir=None, device=torch.device("cpu"))
-            assert type(engine).__name__ == "TorchEngine"
+            assert type(engine).__name__ == ("TorchEngine" if zero is None else "DeepSpeedEngine")
             x, y = (factory.sequence.local_slice(t) for t in (inputs, targets)) if cp > 1 else (inputs, targets)
             loss = engine.module(x, y).loss
             engine.backward(loss)
             norm = engine.step()
-            steps[cp] = (norm, {n: p.detach().clone() for n, p in model.named_parameters()})
-        (ref_norm, ref_params), (norm, params) = steps[1], steps[world]
-        results[case] = dict(norm=norm, ref_norm=ref_norm,
-                             weights=max(_max_diff(params[n], ref_params[n]) for n in ref_params))
+            state = engine.model_state()  # ZeRO-3: gathered
+            steps[cp, zero] = (norm, {n: state[n].detach().clone() for n in names})
+        ref_norm, ref_params = steps[1, None]
+        for (cp, zero), (norm, params) in steps.items():
+            if cp > 1:
+                results[case if zero is None else f"{case}_zero{zero}"] = dict(
+                    norm=norm, ref_norm=ref_norm, weights=max(_max_diff(params[n], ref_params[n]) for n in ref_params))
     return results
 
 
@@ -277,9 +287,11 @@ def test_cp2_models_match_single_process():
 @pytest.mark.slow
 def test_cp2_optimizer_step_matches_single_process():
     # lr 1e-3 moves a weight by ~1e-3: 1e-5 is 1% of one update; clipping is active (norm > 0.5), so the norm
-    # (a CP sum instead of a mean would double it) is checked relative 1e-5 too
+    # (a CP sum instead of a mean would double it) is checked relative 1e-5 too; torch engine and DeepSpeed ZeRO
     for rank, (_, _, res) in enumerate(_results()):
+        assert set(res) == {*TRAIN_CASES, *(f"{c}_zero{z}" for c, zs in ZERO_CASES.items() for z in zs)}
         for case, r in res.items():
+            print(f"rank {rank} {case}: weights {r['weights']:.2e}, grad norm {r['norm']:.7f} vs {r['ref_norm']:.7f}")
             assert r["ref_norm"] > 0.5, (case, r)
             assert abs(r["norm"] - r["ref_norm"]) < 1e-5 * r["ref_norm"], (rank, case, r)
             assert r["weights"] < 1e-5, (rank, case, r)
@@ -298,6 +310,7 @@ def test_cp_layout_order_and_errors():
     from launch.config import LayoutError, ParallelConfig
     from launch.context_parallel import check_context_parallel
     from launch.groups import resolve_layout
+    from train.config import ConfigError
 
     # our coordinates follow megatron-core's default order (tp, cp, ep, dp, pp)
     world, tp, cp, dp = 8, 2, 2, 2
@@ -311,11 +324,13 @@ def test_cp_layout_order_and_errors():
 
     bad = [
         (lambda: resolve_layout(ParallelConfig(cp=3), 4), "parallel.cp=3"),
-        (lambda: resolve_layout(ParallelConfig(cp=2, pp=2), 4), "not supported yet"),
         (lambda: resolve_layout(ParallelConfig(cp=2), 2, seq_len=15), "data.seq_len=15"),
         (lambda: check_context_parallel(_config("rmt"), 20, 2), "model.rmt.segment_len=4"),
+        # ranks handing memory one after another cannot meet ZeRO-3's per-weight all-gathers (a deadlock)
+        (lambda: _train_config("titans_mac", 2, 3), "parallel.zero_stage=3"),
+        (lambda: _train_config("rmt", 2, 3), "parallel.zero_stage <= 2"),
     ]
     for call, needle in bad:
-        with pytest.raises(LayoutError, match=needle.replace(".", r"\.")) as info:
+        with pytest.raises((LayoutError, ConfigError), match=needle.replace(".", r"\.")) as info:
             call()
         assert "\n" not in str(info.value)

@@ -25,21 +25,24 @@ VOCAB = 96
 MODELS = {
     "mac": ["model.memory=\"mac\"", "model.tie_embeddings=true", "model.titans.segment_len=12",
             "model.titans.chunk_size=8", "model.titans.memory_heads=4", "model.titans.conv_size=3"],
+    # MAC with segments that fit CP = 2 slices of 16 tokens (context parallel MAC ranks hold whole segments)
+    "mac_seg8": ["model.memory=\"mac\"", "model.tie_embeddings=true", "model.titans.segment_len=8",
+                 "model.titans.chunk_size=4", "model.titans.memory_heads=4", "model.titans.conv_size=3"],
     "rmt": ["model.memory=\"rmt\"", "model.window=5", "model.global_layers=[-1]", "model.rmt.segment_len=8",
             "model.rmt.num_memory=2"],
 }
 
 
 def _config(kind: str, *, tp: int = 1, pp: int = 1, zero: int = 0, accum: int = 1, dp: int = 1,
-            engine: str = "deepspeed"):
+            engine: str = "deepspeed", replay: bool = False, cp: int = 1):
     from train.config import load_config
     return load_config(None, [
         f"model.vocab_size={VOCAB}", "model.d_model=32", "model.n_layers=2", "model.n_heads=4",
         "model.n_kv_heads=2", "model.num_meta_tokens=2", "model.max_seq_len=64", "model.attention_backend=\"sdpa\"",
         *MODELS[kind], f"data.seq_len={SEQ}", "optim.lr=1e-3", "optim.grad_clip=0.5", "schedule.warmup_steps=0",
-        "schedule.steps=10", f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.zero_stage={zero}",
+        "schedule.steps=10", f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.cp={cp}", f"parallel.zero_stage={zero}",
         f"optim.grad_accum={accum}", f"parallel.engine=\"{engine}\"", "device=\"cpu\"",
-        f"data.batch_size={GLOBAL_BATCH // (accum * dp)}"])
+        f"data.batch_size={GLOBAL_BATCH // (accum * dp)}", *(["model.rmt.memory_replay=true"] if replay else [])])
 
 
 def _batch():
@@ -54,12 +57,12 @@ CASES_2 = [("mac", 1, 1, 1, 1, 0), ("mac", 1, 1, 2, 2, 0), ("mac", 1, 1, 3, 1, 0
            ("rmt", 1, 1, 1, 2, 0), ("rmt", 1, 1, 2, 1, 0), ("rmt", 1, 1, 3, 1, 0), ("rmt", 2, 1, 0, 1, 0),
            ("mac", 1, 2, 0, 2, 1)]
 # PP 2 × TP 2 runs in tests/dist/test_pipeline.py's 4-rank spawn (one start-up of 4 ranks for both models)
-CASES_4 = [("mac", 2, 2, 0, 2, 0)]
+CASES_4 = [("mac", 2, 2, 0, 2, 0), ("mac_seg8", 1, 2, 0, 2, 0, 2)]  # PP 2 × TP 2; PP 2 × CP 2
 
 
 def _case_id(case) -> str:
-    kind, tp, pp, zero, accum, interval = case
-    dims = "x".join(f"{name}{n}" for name, n in (("pp", pp), ("tp", tp)) if n > 1) or "dp2"
+    kind, tp, pp, zero, accum, interval, *cp = case
+    dims = "x".join(f"{name}{n}" for name, n in (("pp", pp), ("tp", tp), ("cp", cp[0] if cp else 1)) if n > 1) or "dp2"
     return f"{kind}-{dims}-zero{zero}-micro{accum}" + (f"-ckpt{interval}" if interval else "")
 
 
@@ -72,9 +75,10 @@ def memory_ranks(rank: int, world: int, cases: list[tuple]) -> dict:
     torch.set_num_threads(1)
     results = {}
     for case in cases:
-        kind, tp, pp, zero, accum, interval = case
-        cfg = _config(kind, tp=tp, pp=pp, zero=zero, accum=accum, dp=world // (tp * pp))
-        layout = init_parallel(cfg.parallel, torch.device("cpu"), n_layers=cfg.model.n_layers)
+        kind, tp, pp, zero, accum, interval, *cp = case
+        cp = cp[0] if cp else 1
+        cfg = _config(kind, tp=tp, pp=pp, zero=zero, accum=accum, dp=world // (tp * pp * cp), cp=cp)
+        layout = init_parallel(cfg.parallel, torch.device("cpu"), n_layers=cfg.model.n_layers, seq_len=SEQ)
         if pp > 1:
             results[case] = _pipeline_step(cfg, layout, interval, batch=_batch())
         else:
@@ -102,9 +106,10 @@ def references():
 
 def check_case(references, per_rank: list[dict], case) -> None:
     kind, tp, pp = case[:3]
+    cp = case[6] if len(case) > 6 else 1
     reference = references[kind]
     assert reference["norm"] > 0.5, "clipping must be active for this test to check it"
-    dp = len(per_rank) // (tp * pp)
+    dp = len(per_rank) // (tp * pp * cp)
     # a data-parallel rank's loss is the mean over its rows (the pipeline engine's is averaged over DP already)
     losses = [r[case]["loss"] for r in per_rank]
     loss = sum(losses) / len(losses) if pp == 1 else losses[0]
@@ -136,12 +141,14 @@ def test_two_ranks_reproduce_single_process(references, two_ranks, case):
     check_case(references, two_ranks, case)
 
 
-def test_rmt_pipeline_is_refused_with_one_line():
+def test_rmt_pipeline_refuses_zero_and_replay_with_one_line():
     from train.config import ConfigError
-    with pytest.raises(ConfigError) as info:
-        _config("rmt", pp=2)
-    message = str(info.value)
-    assert "\n" not in message and "parallel.pp=2" in message and "parallel.tp" in message
+    _config("rmt", pp=2)  # runs launch/rmt_pipeline.py's schedule
+    for sets, fix in ((dict(zero=1), "parallel.zero_stage=0"), (dict(replay=True), "memory_replay=false")):
+        with pytest.raises(ConfigError) as info:
+            _config("rmt", pp=2, **sets)
+        message = str(info.value)
+        assert "\n" not in message and "parallel.pp=2" in message and fix in message
 
 
 def test_rmt_pipeline_is_refused_by_build_pipeline():

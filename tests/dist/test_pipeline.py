@@ -22,7 +22,7 @@ SEQ = 12
 
 
 def _config(pp: int = 1, tp: int = 1, zero: int = 0, accum: int = 1, dp: int = 1, engine: str = "deepspeed",
-            tied: bool = True):
+            tied: bool = True, cp: int = 1):
     from train.config import load_config
     return load_config(None, [
         "model.vocab_size=96", "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
@@ -30,7 +30,7 @@ def _config(pp: int = 1, tp: int = 1, zero: int = 0, accum: int = 1, dp: int = 1
         f"model.tie_embeddings={str(tied).lower()}", "model.attention_backend=\"sdpa\"", f"data.seq_len={SEQ}",
         "optim.lr=1e-3",
         "optim.grad_clip=0.5", "schedule.warmup_steps=0", "schedule.steps=10", f"parallel.tp={tp}",
-        f"parallel.pp={pp}", f"parallel.zero_stage={zero}", f"optim.grad_accum={accum}",
+        f"parallel.pp={pp}", f"parallel.cp={cp}", f"parallel.zero_stage={zero}", f"optim.grad_accum={accum}",
         f"parallel.engine=\"{engine}\"", "device=\"cpu\"", f"data.batch_size={GLOBAL_BATCH // (accum * dp)}"])
 
 
@@ -41,9 +41,13 @@ def _batch():
 
 
 def _model(cfg, layout):
+    from launch.context_parallel import ContextParallel
     from launch.tensor_parallel import MegatronFactory
+    factory = MegatronFactory() if layout.tp > 1 else LayerFactory()
+    if layout.cp > 1:  # each stage context parallel: the engine hands every rank its slice
+        factory.sequence = ContextParallel()
     torch.manual_seed(0)
-    return build_model(cfg.model, MegatronFactory() if layout.tp > 1 else LayerFactory())
+    return build_model(cfg.model, factory)
 
 
 def _pipeline_step(cfg, layout, interval: int, ckpt_dir: str | None = None, batch=None) -> dict:
@@ -83,9 +87,10 @@ def _ranks(rank: int, world: int, cases: list[tuple], ckpt_dir: str | None = Non
     from launch.groups import init_parallel
     results = {}
     for i, case in enumerate(cases):
-        pp, tp, zero, accum, interval, tied = case
-        cfg = _config(pp=pp, tp=tp, zero=zero, accum=accum, dp=world // (pp * tp), tied=tied)
-        layout = init_parallel(cfg.parallel, torch.device("cpu"), n_layers=cfg.model.n_layers)
+        pp, tp, zero, accum, interval, tied, *cp = case
+        cp = cp[0] if cp else 1
+        cfg = _config(pp=pp, tp=tp, zero=zero, accum=accum, dp=world // (pp * tp * cp), tied=tied, cp=cp)
+        layout = init_parallel(cfg.parallel, torch.device("cpu"), n_layers=cfg.model.n_layers, seq_len=SEQ)
         results[case] = _pipeline_step(cfg, layout, interval, ckpt_dir if i == 0 else None)
         parallel_state.destroy_model_parallel()  # the next case may want another layout
     return results
@@ -113,7 +118,7 @@ def references():
 
 
 def _check(references, per_rank: list[dict], case) -> None:
-    reference = references[case[-1]]
+    reference = references[case[5]]
     assert reference["norm"] > 0.5, "clipping must be active for this test to check it"
     covered = set()
     for rank, results in enumerate(per_rank):
@@ -128,9 +133,10 @@ def _check(references, per_rank: list[dict], case) -> None:
     assert covered == set(reference["params"]), set(reference["params"]) ^ covered
 
 
-# (pp, tp, zero_stage, micro-batches, activation_checkpoint_interval, tied embeddings)
+# (pp, tp, zero_stage, micro-batches, activation_checkpoint_interval, tied embeddings[, cp])
 CASES_2 = [(2, 1, 0, 2, 0, True), (2, 1, 0, 2, 1, True), (2, 1, 1, 4, 0, True), (2, 1, 0, 2, 0, False)]
-CASES_4 = [(2, 2, 0, 2, 0, True), (2, 1, 1, 2, 1, True)]  # PP × TP; PP × DP with ZeRO 1
+# PP × TP; PP × DP with ZeRO 1; PP × CP (each stage context parallel: halo of the windowed layer, gathered K/V)
+CASES_4 = [(2, 2, 0, 2, 0, True), (2, 1, 1, 2, 1, True), (2, 1, 0, 2, 0, True, 2)]
 
 
 @pytest.fixture(scope="module")
@@ -165,17 +171,19 @@ def test_pipeline_checkpoint_restores_every_stage(two_ranks):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", CASES_4, ids=["pp2xtp2-zero0-micro2", "pp2xdp2-zero1-micro2-ckpt1"])
+@pytest.mark.parametrize("case", CASES_4, ids=["pp2xtp2-zero0-micro2", "pp2xdp2-zero1-micro2-ckpt1", "pp2xcp2-micro2"])
 def test_pp2_with_tp_or_dp_reproduces_single_process(references, four_ranks, case):
     _check(references, four_ranks, case)
 
 
 @pytest.mark.slow
-def test_mac_pp2_by_tp2_reproduces_single_process(four_ranks):
-    """The Titans MAC model (tests/dist/test_memory_parity.py) at PP 2 × TP 2, in this module's 4-rank spawn."""
+@pytest.mark.parametrize("index", [0, 1], ids=["pp2xtp2", "pp2xcp2"])
+def test_mac_pp2_by_tp2_or_cp2_reproduces_single_process(four_ranks, index):
+    """The Titans MAC model (tests/dist/test_memory_parity.py) at PP 2 × TP 2 and PP 2 × CP 2 (MAC segments handed
+    rank to rank inside each stage), in this module's 4-rank spawn."""
     from tests.dist.test_memory_parity import CASES_4 as MEMORY_CASES_4
     from tests.dist.test_memory_parity import check_case, reference_steps
-    case = MEMORY_CASES_4[0]
+    case = MEMORY_CASES_4[index]
     assert {r[case]["stage"] for r in four_ranks} == {0, 1}
     check_case(reference_steps(), four_ranks, case)
 
