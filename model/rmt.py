@@ -30,9 +30,13 @@ state (`pending`): memory is written only by full segments, so feeding a sequenc
 the state carried equals one pass, and generation continues the segment in progress.
 
 Parallelism: the blocks are the plain model's (TP through the layer factory, heads are independent, the memory
-parameters are replicated like meta tokens). Segments run one after another, so this model has no pipeline
-stages (`stages()` raises). Context parallel: each rank holds whole segments; the memory is handed from rank
-to rank through `factory.sequence` (attention never crosses a segment, so it needs no halo).
+parameters are replicated like meta tokens). Pipeline parallel: `run_segment` is `segment_input` (embedding,
+meta, memory rows: first stage) → `segment_blocks` over a range of blocks (each stage its own) → `segment_output`
+(head and memory norm: last stage); launch/rmt_pipeline.py runs segments × micro-batches through the stages with
+its own schedule, since the memory goes from the last stage back to the first. There is no flat tensor →
+tensor sequence for DeepSpeed's pipeline (`stages()` raises). Context parallel: each rank holds whole segments;
+the memory is handed from rank to rank through `factory.sequence` (attention never crosses a segment, so it
+needs no halo).
 """
 from __future__ import annotations
 
@@ -150,10 +154,18 @@ class RMTDecoderLM(DecoderLM):
         """One segment: ids `[B, l]` (l <= L), read memory `[B, M, D]`, the segment's global index (positions).
 
         Returns logits `[B, l, V_local]` (vocab padding not yet cut) and, with `write`, the next memory
-        `[B, M, D]` (else None: a partial segment writes nothing).
+        `[B, M, D]` (else None: a partial segment writes nothing). The three pieces it composes are what a
+        pipeline stage runs (launch/rmt_pipeline.py): input on the first stage, its blocks, output on the last.
         """
-        B, l = ids.shape
-        P, M = self.cfg.num_meta_tokens, self.cfg.rmt.num_memory
+        l, num_write = ids.shape[1], self.cfg.rmt.num_memory if write else 0
+        h = self.segment_input(ids, memory, write=write)
+        h = self.segment_blocks(h, range(len(self.blocks)), l, num_write, segment_index)
+        return self.segment_output(h, l, write=write)
+
+    def segment_input(self, ids: torch.Tensor, memory: torch.Tensor, *, write: bool) -> torch.Tensor:
+        """The segment's input rows h `[B, N, D]`, N = P + M + l (+ M with `write`): meta tokens, read memory
+        (memory `[B, M, D]` + read slots), token embeddings of ids `[B, l]`, write memory (memory + write slots)."""
+        B = ids.shape[0]
         x = self.embed.tokens(ids)  # [B, l, D]
         memory = memory.to(x.dtype)
         parts = []
@@ -163,14 +175,25 @@ class RMTDecoderLM(DecoderLM):
         parts.append(x)
         if write:
             parts.append(memory + self.write_slots.to(x.dtype))
-        h = torch.cat(parts, dim=1)  # [B, N, D]
-        num_write = M if write else 0
+        return torch.cat(parts, dim=1)  # [B, N, D]
+
+    def segment_blocks(self, h: torch.Tensor, blocks: range, num_text: int, num_write: int,
+                       segment_index: int) -> torch.Tensor:
+        """Blocks `blocks` (indices into `self.blocks`, consecutive) over h `[B, N, D]` of a segment with
+        `num_text` text and `num_write` (0 or M) write rows -> h `[B, N, D]`."""
         offset = segment_index * self.cfg.rmt.segment_len if self.cfg.rmt.positions == "global" else 0
-        rotary = self._rotary(l, num_write, offset, x.device)
-        for block, window in zip(self.blocks, self.text_windows):
-            h = block(h, rotary=rotary, attend=self._attend(window, num_write))
-        logits = self.head(h[:, P + M:P + M + l])
-        new_memory = self.memory_norm(h[:, P + M + l:]) if write else None
+        rotary = self._rotary(num_text, num_write, offset, h.device)
+        for i in blocks:
+            h = self.blocks[i](h, rotary=rotary, attend=self._attend(self.text_windows[i], num_write))
+        return h
+
+    def segment_output(self, h: torch.Tensor, num_text: int, *, write: bool
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Final rows h `[B, N, D]` -> (logits `[B, l, V_local]` of the text rows, next memory `[B, M, D]`: the
+        normalised write rows with `write`, else None)."""
+        start = self.cfg.num_meta_tokens + self.cfg.rmt.num_memory
+        logits = self.head(h[:, start:start + num_text])
+        new_memory = self.memory_norm(h[:, start + num_text:]) if write else None
         return logits, new_memory
 
     # ---- state -------------------------------------------------------------------------------------
@@ -343,5 +366,6 @@ class RMTDecoderLM(DecoderLM):
         return greedy_generate(self, prompt, max_new_tokens, state)
 
     def stages(self) -> list[nn.Module]:
-        raise NotImplementedError("the RMT runs segment after segment through all blocks: it has no pipeline "
-                                  "stages (use tensor and data parallelism)")
+        raise NotImplementedError("the RMT's memory cycles from the last block back to the first, so it has no "
+                                  "flat pipeline stages for DeepSpeed: launch.rmt_pipeline.RMTPipelineEngine "
+                                  "runs it over parallel.pp stages (segment_input/segment_blocks/segment_output)")

@@ -26,7 +26,7 @@ from .optim import average_gradients, build_optimizer, build_scheduler, clip_gra
 def use_deepspeed(cfg: Config, layout: Layout) -> bool:
     engine = cfg.parallel.engine
     if layout.pp > 1:
-        return True  # the pipeline schedule is DeepSpeed's
+        return True  # the pipeline engines (DeepSpeed's schedule; RMT's own, launch/rmt_pipeline.py)
     if engine == "auto":
         replay = cfg.model.memory == "rmt" and cfg.model.rmt.memory_replay  # runs its own backward
         return (layout.world > 1 or cfg.parallel.zero_stage > 0) and not replay
@@ -154,6 +154,11 @@ def build_engine(model: nn.Module, cfg: Config, layout: Layout, run_dir: Path | 
     from launch.deepspeed_config import bf16_supported
     if use_deepspeed(cfg, layout):
         bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and bf16_supported(device))
+        if layout.pp > 1 and cfg.model.memory == "rmt":
+            # RMT memory cycles from the last stage back to the first: memtrain's own schedule, fp32
+            # ("auto" precision means fp32 there; an explicit bf16 is refused by the engine with one line)
+            from launch.rmt_pipeline import RMTPipelineEngine
+            return RMTPipelineEngine(model, cfg, layout, run_dir, cfg.precision == "bf16")
         if layout.pp > 1:
             from launch.pipeline import PipelineEngine
             return PipelineEngine(model, cfg, layout, run_dir, bf16)

@@ -211,7 +211,7 @@ ZERO_CASES = {"baseline": (1, 2, 3), "rmt": (1,), "titans_mac": (2,)}  # ZeRO-3:
 
 def _train_config(case: str, cp: int, zero: int | None = None):
     from train.config import load_config
-    engine = ["parallel.engine=\"torch\""] if zero is None else [f"parallel.engine=\"deepspeed\"",
+    engine = ["parallel.engine=\"torch\""] if zero is None else ["parallel.engine=\"deepspeed\"",
                                                                   f"parallel.zero_stage={zero}"]
     return load_config(None, [*engine,
         "model.vocab_size=96", "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.max_seq_len=32",

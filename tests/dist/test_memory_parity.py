@@ -114,9 +114,10 @@ def check_case(references, per_rank: list[dict], case) -> None:
     losses = [r[case]["loss"] for r in per_rank]
     loss = sum(losses) / len(losses) if pp == 1 else losses[0]
     assert abs(loss - reference["loss"]) < 1e-5, (loss, reference["loss"])
-    covered = set()
+    covered, worst = set(), 0.0
     for rank, results in enumerate(per_rank):
         got = results[case]
+        worst = max(worst, *(float((v - reference["params"][n]).abs().max()) for n, v in got["params"].items()))
         if pp > 1:
             assert abs(got["loss"] - reference["loss"]) < 1e-5, (rank, got["loss"], reference["loss"])
             assert abs(got["eval_loss"] - reference["loss"]) < 1e-5, (rank, got["eval_loss"], reference["loss"])
@@ -128,6 +129,8 @@ def check_case(references, per_rank: list[dict], case) -> None:
             assert diff < 1e-5, (rank, got["stage"], name, diff)
         covered |= set(got["params"])
     assert covered == set(reference["params"]), set(reference["params"]) ^ covered
+    print(f"{case}: loss {abs(loss - reference['loss']):.2e}, norm "
+          f"{abs(per_rank[0][case]['norm'] - reference['norm']) / reference['norm']:.2e} rel, weights {worst:.2e}")
 
 
 @pytest.fixture(scope="module")

@@ -120,9 +120,10 @@ def references():
 def _check(references, per_rank: list[dict], case) -> None:
     reference = references[case[5]]
     assert reference["norm"] > 0.5, "clipping must be active for this test to check it"
-    covered = set()
+    covered, worst = set(), 0.0
     for rank, results in enumerate(per_rank):
         got = results[case]
+        worst = max(worst, *(float((v - reference["params"][n]).abs().max()) for n, v in got["params"].items()))
         assert abs(got["loss"] - reference["loss"]) < 1e-5, (rank, got["loss"], reference["loss"])
         assert abs(got["eval_loss"] - reference["loss"]) < 1e-5, (rank, got["eval_loss"], reference["loss"])
         assert abs(got["norm"] - reference["norm"]) < 1e-5 * reference["norm"], (rank, got["norm"], reference["norm"])
@@ -131,6 +132,8 @@ def _check(references, per_rank: list[dict], case) -> None:
             assert diff < 1e-5, (rank, got["stage"], name, diff)
         covered |= set(got["params"])
     assert covered == set(reference["params"]), set(reference["params"]) ^ covered
+    print(f"{case}: loss {abs(per_rank[0][case]['loss'] - reference['loss']):.2e}, norm "
+          f"{abs(per_rank[0][case]['norm'] - reference['norm']) / reference['norm']:.2e} rel, weights {worst:.2e}")
 
 
 # (pp, tp, zero_stage, micro-batches, activation_checkpoint_interval, tied embeddings[, cp])

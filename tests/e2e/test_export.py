@@ -229,7 +229,7 @@ def test_tensor_parallel_checkpoint_exports_exactly(tiny_dataset, tmp_path, name
 
 
 @pytest.mark.slow
-# every kind the pipeline runs (RMT cannot be pipelined: launch/pipeline.py says why); mac, meta: tied embedding
+# every kind DeepSpeed's pipeline runs (RMT has its own schedule: the next test); mac, meta: tied embedding
 @pytest.mark.parametrize("name", [m for m in MODELS if m != "rmt"])
 def test_pipeline_parallel_checkpoint_exports_exactly(tiny_dataset, tmp_path, name):
     """PP = 2 training -> export. The merge (union of the stages' rank files at dp_rank 0) equals DeepSpeed's own
@@ -255,6 +255,26 @@ def test_pipeline_parallel_checkpoint_exports_exactly(tiny_dataset, tmp_path, na
     hf, tok = load_hf(export(run, tmp_path / "hf"))
     diff = max_logit_diff(native, hf, native.cfg.vocab_size)
     print(f"{name} PP=2: max |logits native - HF| = {diff:.3g}")
+    assert diff <= 1e-4
+    prompt = tok(PROMPT)["input_ids"]
+    assert hf_greedy(hf, prompt) == native_greedy(native, prompt)
+
+
+@pytest.mark.slow
+def test_rmt_pipeline_checkpoint_exports_exactly(tiny_dataset, tmp_path):
+    """RMT trained at PP = 2 (launch/rmt_pipeline.py) -> export: the stages' rank files together hold every weight
+    (the tied embedding bit-identical on first and last stage), HF logits and greedy generation equal native."""
+    from train.export_hf import export
+    from train.hf import merge
+    run = tmp_path / "run"
+    train(tiny_dataset, run, *COMMON, *MODELS["rmt"], "--set", "parallel.pp=2", steps=2, launcher=_launcher())
+    ckpt = merge.resolve_checkpoint(run)
+    meta = merge.read_meta(ckpt)
+    assert meta["layout"]["pp"] == 2
+    native = native_model(run)  # load_state_dict is strict: the merge covers every parameter
+    hf, tok = load_hf(export(run, tmp_path / "hf"))
+    diff = max_logit_diff(native, hf, native.cfg.vocab_size)
+    print(f"rmt PP=2: max |logits native - HF| = {diff:.3g}")
     assert diff <= 1e-4
     prompt = tok(PROMPT)["input_ids"]
     assert hf_greedy(hf, prompt) == native_greedy(native, prompt)

@@ -65,52 +65,69 @@ def test_resume_continues_the_same_run(tiny_dataset, tmp_path):
     assert a == b
 
 
+RMT = ["--set", "model.memory=\"rmt\"", "--set", "model.rmt.segment_len=16", "--set", "model.rmt.num_memory=4"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["parallel.tp=2", "parallel.pp=2"])
+@pytest.mark.parametrize("layout", [["parallel.tp=2"], ["parallel.pp=2"], ["parallel.cp=2"], ["parallel.pp=2", *RMT]],
+                         ids=["tp2", "pp2", "cp2", "rmt-pp2"])
 def test_model_parallel_run_matches_single_process(tiny_dataset, tmp_path, layout):
-    """Tensor- or pipeline-parallel training over 2 ranks follows the single-process run step by step."""
+    """Tensor-, pipeline- or context-parallel training over 2 ranks follows the single-process run step by step
+    (CP: each rank trains on half of every sequence, DeepSpeed averages gradients over DP × CP; RMT with PP: the
+    RMT pipeline schedule, memory sent from the last stage back to the first)."""
+    parallel_set, model_set = ["--set", layout[0]], layout[1:]
     single = tmp_path / "single"
-    train(tiny_dataset, single, steps=8)
+    train(tiny_dataset, single, *model_set, steps=8)
     parallel = tmp_path / "parallel"
     from tests.dist.spawn import free_port
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                 "--master-port", str(free_port())]
-    train(tiny_dataset, parallel, "--set", layout, steps=8, launcher=launcher)
+    train(tiny_dataset, parallel, *parallel_set, *model_set, steps=8, launcher=launcher)
     a, b = read_metrics(single), read_metrics(parallel)
     for x, y in zip(a, b, strict=True):
         assert abs(x["loss"] - y["loss"]) < 1e-4, (x, y)
         assert abs(x["grad_norm"] - y["grad_norm"]) < 1e-4 * max(1.0, x["grad_norm"]), (x, y)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("zero", [1, 3])
-def test_deepspeed_dp2_exact_resume(tiny_dataset, tmp_path, zero):
-    """2n steps in one go == n steps, stop, resume, n more: identical losses at every step (DP = 2, ZeRO)."""
+def two_rank_resume_losses(dataset: Path, tmp_path: Path, *common: str) -> tuple[list[float], list[float], Path]:
+    """Losses of steps 5-8 of an 8-step 2-rank run in one go, and of 4 steps + stop + resume + 4 more."""
     from tests.dist.spawn import free_port
 
     def launcher():
         return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                 "--master-port", str(free_port())]
 
-    common = ["--set", f"parallel.zero_stage={zero}", "--set", "data.batch_size=4"]
     straight = tmp_path / "straight"
-    train(tiny_dataset, straight, *common, steps=8, launcher=launcher())
+    train(dataset, straight, *common, steps=8, launcher=launcher())
     first = tmp_path / "first"
-    train(tiny_dataset, first, *common, "--set", "checkpoint.every=4", steps=8, launcher=launcher())
+    train(dataset, first, *common, "--set", "checkpoint.every=4", steps=8, launcher=launcher())
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
     (first / "checkpoints" / "step_00000004").rename(resumed / "checkpoints" / "step_00000004")
-    train(tiny_dataset, resumed, *common, "--resume", "auto", steps=8, launcher=launcher())
+    train(dataset, resumed, *common, "--resume", "auto", steps=8, launcher=launcher())
+    return [m["loss"] for m in read_metrics(straight)][4:], [m["loss"] for m in read_metrics(resumed)], straight
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", [1, 3])
+def test_deepspeed_dp2_exact_resume(tiny_dataset, tmp_path, zero):
+    """2n steps in one go == n steps, stop, resume, n more: identical losses at every step (DP = 2, ZeRO)."""
+    a, b, straight = two_rank_resume_losses(tiny_dataset, tmp_path, "--set", f"parallel.zero_stage={zero}",
+                                            "--set", "data.batch_size=4")
     assert json.loads((straight / "deepspeed.json").read_text())["zero_optimization"]["stage"] == zero
-    a = [m["loss"] for m in read_metrics(straight)][4:]
-    b = [m["loss"] for m in read_metrics(resumed)]
+    assert a == b
+
+
+@pytest.mark.slow
+def test_rmt_pipeline_exact_resume(tiny_dataset, tmp_path):
+    """RMT at PP = 2 (its own schedule): 8 steps in one go == 4 steps, stop, resume, 4 more, loss for loss."""
+    a, b, _ = two_rank_resume_losses(tiny_dataset, tmp_path, "--set", "parallel.pp=2", "--set", "optim.grad_accum=2",
+                                     "--set", "data.batch_size=4", *RMT)
     assert a == b
 
 
 def test_memory_replay_with_accumulation_equals_plain_bptt(tiny_dataset, tmp_path):
     """Trainer.train_step with RMT memory replay and grad_accum = 2 updates the weights as plain BPTT does."""
-    import torch
-
     from train.config import load_config
     from train.trainer import Trainer
 
