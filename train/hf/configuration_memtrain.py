@@ -28,7 +28,7 @@ class MemtrainConfig(PretrainedConfig):
     """Architecture of a memtrain decoder LM (meta tokens, GQA, RoPE, SwiGLU, global/windowed layers)."""
 
     model_type = "memtrain"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
     def __init__(
         self,

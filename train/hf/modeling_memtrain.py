@@ -46,6 +46,18 @@ from .memtrain_layers import MemtrainAttentionProjections, MemtrainMLP, Memtrain
 from .memtrain_rmt import rmt_forward
 from .memtrain_titans import MemtrainTitansLayer, init_titans_weights, titans_forward
 
+# transformers renamed the cache argument and output field `past_key_values` -> `cache` (5.2x): generate() passes
+# it under the name its output classes use, and forward() must accept it under that name.
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _take_cache(cache: Cache | None, kwargs: dict[str, Any]) -> Cache | None:
+    """The cache under either name (`cache` in newer transformers, `past_key_values` in older)."""
+    other = kwargs.pop("past_key_values", None)
+    if cache is not None and other is not None and cache is not other:
+        raise ValueError("pass the KV cache as `cache` or as `past_key_values`, not both")
+    return cache if cache is not None else other
+
 
 class MemtrainAttention(MemtrainAttentionProjections):
     """Grouped-query attention over [meta-token prefix; text] with the KV cache (memory = "none")."""
@@ -136,7 +148,7 @@ class MemtrainPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = False
     _no_split_modules = ["MemtrainDecoderLayer", "MemtrainTitansLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_cache_class = True  # transformers 4.x: accepts Cache objects
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -211,41 +223,42 @@ class MemtrainModel(MemtrainPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPast:
+        cache = _take_cache(cache, kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = _new_cache(self.config)
-        if past_key_values is not None and not isinstance(past_key_values, Cache):
-            raise TypeError("past_key_values must be a transformers Cache (e.g. DynamicCache)")
-        if getattr(past_key_values, "is_compileable", False):
+        if use_cache and cache is None:
+            cache = _new_cache(self.config)
+        if cache is not None and not isinstance(cache, Cache):
+            raise TypeError("the cache (past_key_values) must be a transformers Cache (e.g. DynamicCache)")
+        if getattr(cache, "is_compileable", False):
             # static caches return fixed-size zero-padded buffers; the masks here assume the keys seen so far
             raise NotImplementedError("static KV caches are not supported: use the default dynamic cache")
         if self.config.memory != "none":
             if input_ids is None:
                 raise ValueError(f"memory={self.config.memory!r} models take input_ids, not inputs_embeds")
-            hidden = forward_memory(self, input_ids, attention_mask, past_key_values)
-            return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values)
+            hidden = forward_memory(self, input_ids, attention_mask, cache)
+            return BaseModelOutputWithPast(last_hidden_state=hidden, **{_CACHE_FIELD: cache})
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T, _ = h.shape
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past = cache.get_seq_length() if cache is not None else 0
 
-        prefix = getattr(past_key_values, "memtrain_prefix", None) if past_key_values is not None else None
+        prefix = getattr(cache, "memtrain_prefix", None) if cache is not None else None
         if prefix is None:
             prefix = self.prefix_kv(h.dtype)
-            if past_key_values is not None:
-                past_key_values.memtrain_prefix = prefix
+            if cache is not None:
+                cache.memtrain_prefix = prefix
         keys = self._text_keys(attention_mask, position_ids, past, T, B, h.device)
         cos, sin = rotary_cos_sin(keys.query_positions, self.config.head_dim, self.config.rope_theta)
         cos_sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, T, Dh]
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos_sin, prefix[i] if prefix is not None else None, keys, past_key_values)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(h), past_key_values=past_key_values)
+            h = layer(h, cos_sin, prefix[i] if prefix is not None else None, keys, cache)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(h), **{_CACHE_FIELD: cache})
 
 
 def _stack(trees: list) -> Any:
@@ -330,15 +343,15 @@ class MemtrainForCausalLM(MemtrainPreTrainedModel, GenerationMixin):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.model.embed_tokens = value
 
-    def _reorder_cache(self, past_key_values: Cache, beam_idx: torch.LongTensor) -> Cache:
+    def _reorder_cache(self, cache: Cache, beam_idx: torch.LongTensor) -> Cache:
         """Beam search: rows of the KV cache and of the per-row memory states follow their beams."""
-        past_key_values.reorder_cache(beam_idx)  # text keys/values (the meta-token prefix is shared by all rows)
-        rows = getattr(past_key_values, "memtrain_rows", None)
+        cache.reorder_cache(beam_idx)  # text keys/values (the meta-token prefix is shared by all rows)
+        rows = getattr(cache, "memtrain_rows", None)
         if rows is not None:
             idx = beam_idx.tolist()
-            past_key_values.memtrain_rows = [rows[i] for i in idx]
-            past_key_values.memtrain_seen = [past_key_values.memtrain_seen[i] for i in idx]
-        return past_key_values
+            cache.memtrain_rows = [rows[i] for i in idx]
+            cache.memtrain_seen = [cache.memtrain_seen[i] for i in idx]
+        return cache
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
@@ -351,7 +364,7 @@ class MemtrainForCausalLM(MemtrainPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -361,8 +374,10 @@ class MemtrainForCausalLM(MemtrainPreTrainedModel, GenerationMixin):
     ) -> CausalLMOutputWithPast | tuple:
         """Logits `[B, T, V]` (the last `logits_to_keep` positions when > 0); loss when `labels` are given
         (labels aligned with input_ids, shifted here; -100 is ignored)."""
+        cache = _take_cache(cache, kwargs)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
+                         cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache)
+        cache = getattr(out, _CACHE_FIELD)
         h = out.last_hidden_state
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
@@ -372,8 +387,8 @@ class MemtrainForCausalLM(MemtrainPreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten().to(logits.device),
                                    ignore_index=-100)
         if return_dict is False:
-            return tuple(x for x in (loss, logits, out.past_key_values) if x is not None)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+            return tuple(x for x in (loss, logits, cache) if x is not None)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache})
 
 
 __all__ = ["MemtrainForCausalLM", "MemtrainModel", "MemtrainPreTrainedModel"]
