@@ -76,6 +76,7 @@ def _peer_model(a: dict):
         num_tokens=a["vocab"], dim=a["dim"], depth=a["depth"], segment_len=a["segment_len"],
         num_persist_mem_tokens=a["persist"], num_longterm_mem_tokens=0, dim_head=a["dim"] // a["heads"],
         heads=a["heads"], ff_mult=4, num_residual_streams=1, neural_memory_segment_len=a["peer_chunk_size"],
+        neural_memory_batch_size=a["peer_ttt_batch"] or None,
         neural_memory_model=MemoryMLP(dim=dh, depth=a["mem_depth"], expansion_factor=a["mem_expansion"]),
         neural_memory_kwargs=dict(heads=a["mem_heads"], dim_head=dh))
     for p in model.parameters():  # some of its parameters are broadcast views (stride 0): AdamW cannot update them
@@ -102,6 +103,7 @@ def worker(which: str, a: dict) -> None:
                       heads=a["heads"], dim_head=a["dim"] // a["heads"], segment_len=a["segment_len"],
                       num_persist_mem_tokens=a["persist"], num_longterm_mem_tokens=0, ff_mult=4,
                       num_residual_streams=1, neural_memory_segment_len=a["peer_chunk_size"],
+                      neural_memory_batch_size=a["peer_ttt_batch"] or None,
                       neural_memory_model=f"MemoryMLP(dim={a['dim'] // a['mem_heads']}, depth={a['mem_depth']}, "
                                           f"expansion_factor={a['mem_expansion']})",
                       neural_memory_heads=a["mem_heads"], version=_peer_version())
@@ -166,7 +168,7 @@ def _run(python: str, args: list[str], small_mmap: bool = False) -> dict:
 def bench_speed(a: dict, peer_python: str | None, rounds: int) -> None:
     shape = dict(batch=a["batch"], seq_len=a["seq_len"], dim=a["dim"], depth=a["depth"], heads=a["heads"],
                  segment_len=a["segment_len"], chunk_size=a["chunk_size"],
-                 peer_chunk_size=a["peer_chunk_size"], mem_depth=a["mem_depth"], mem_heads=a["mem_heads"], mem_expansion=a["mem_expansion"], persist=a["persist"],
+                 peer_chunk_size=a["peer_chunk_size"], peer_ttt_batch=a["peer_ttt_batch"], mem_depth=a["mem_depth"], mem_heads=a["mem_heads"], mem_expansion=a["mem_expansion"], persist=a["persist"],
                  threads=a["threads"], steps_per_round=a["steps"], rounds=rounds)
     wargs = ["--worker-args", json.dumps(a)]
     best, best_cpu, flops = {}, {}, {}
@@ -260,6 +262,11 @@ def main() -> None:
                     help="the peer's neural_memory_segment_len (default: --chunk-size). It sets the peer's update "
                          "granularity (weights fixed per chunk); 1 = an update per token, the semantics of ours at "
                          "any --chunk-size (ours: chunk size is only a compute blocking)")
+    ap.add_argument("--peer-ttt-batch", type=int, default=None,
+                    help="the peer's neural_memory_batch_size: how many tokens share the weights their memory "
+                         "gradients are taken at (default: --chunk-size, the paper's and DESIGN.md §2's chunk-start "
+                         "memory); 0 = the peer's default None, every gradient of a call at the call's initial "
+                         "weights (no sequential dependence between chunks: cheaper, and not the same model)")
     ap.add_argument("--mem-depth", type=int, default=2)
     ap.add_argument("--mem-expansion", type=float, default=2.0)
     ap.add_argument("--persist", type=int, default=4, help="persistent (meta) tokens")
@@ -281,7 +288,9 @@ def main() -> None:
         return memory_child(json.loads(args.memory_child))
     a = dict(dim=args.dim, depth=args.depth, heads=args.heads, mem_heads=args.mem_heads,
              segment_len=args.segment_len, chunk_size=args.chunk_size, mem_depth=args.mem_depth,
-             peer_chunk_size=args.peer_chunk_size or args.chunk_size, mem_expansion=args.mem_expansion,
+             peer_chunk_size=args.peer_chunk_size or args.chunk_size,
+             peer_ttt_batch=args.chunk_size if args.peer_ttt_batch is None else args.peer_ttt_batch,
+             mem_expansion=args.mem_expansion,
              persist=args.persist, batch=args.batch, seq_len=args.seq_len,
              vocab=args.vocab, steps=args.steps, threads=args.threads)
     emit(bench="environment", load_avg_1min=_load_avg(), cpus=os.cpu_count(), python=sys.executable,

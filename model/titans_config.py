@@ -13,7 +13,7 @@ from .errors import ModelConfigError
 if TYPE_CHECKING:  # only for the annotation: config.py imports this module
     from .config import ModelConfig
 
-MEMORY_BACKENDS = ("auto", "chunked", "triton", "reference")
+MEMORY_BACKENDS = ("auto", "fused", "chunked", "triton", "reference")
 MEMORY_ACTS = ("gelu", "silu")
 
 
@@ -44,7 +44,8 @@ class TitansConfig:
     """Kernel width of the short depthwise causal convolution on the memory's q, k, v; 0 switches it off."""
 
     memory_backend: str = "auto"
-    """Memory kernel backend (kernels/titans): auto, chunked, triton or reference."""
+    """Memory kernel backend (kernels/titans): auto, fused (deep memory: hand-written backward), chunked (autograd
+    through the dual form), triton (linear memory) or reference."""
 
     theta_init: float = 0.001
     """Initial step size θ (sigmoid of the gate projection's bias); in (0, 1). Small on purpose: the loss is

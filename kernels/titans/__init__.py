@@ -16,9 +16,11 @@ next token falls into. Pass it back, with ``chunk_offset = tokens_seen % chunk_s
 exactly (one pass == chained passes, also when pieces end mid-chunk). With chunk_offset == 0 a 2-tuple suffices.
 The initial state is differentiable (learned M_0 expanded over the batch).
 
-Backends: "chunked" (chunk-parallel torch, any device), "triton" (linear memory only; CUDA, or CPU under
-TRITON_INTERPRET=1), "reference" (naive chunk loop). "auto": chunked everywhere, until the Triton kernel has
-passed its GPU parity tests (tests/kernels/test_titans_triton.py, marked gpu) and a benchmark on a GPU.
+Backends: "chunked" (chunk-parallel torch, any device; autograd gives the backward), "fused" (deep memory only:
+the same chunk loop as one autograd Function with a hand-written backward, :mod:`.deep_fused`), "triton" (linear
+memory only; CUDA, or CPU under TRITON_INTERPRET=1), "reference" (naive chunk loop). "auto": linear memory
+chunked everywhere, until the Triton kernel has passed its GPU parity tests (tests/kernels/test_titans_triton.py,
+marked gpu) and a benchmark on a GPU; deep memory fused.
 
 Precision: bf16/fp16 inputs are computed in fp32 (the gate products, b×b carry matrices and the carried
 state lose most of their digits in bf16: 7e-2 relative error at T = 256), y is returned in the input
@@ -32,6 +34,7 @@ from typing import Optional
 import torch
 
 from .chunked import deep_memory_chunked, linear_memory_chunked
+from .deep_fused import deep_memory_fused
 from .reference import deep_memory_naive_chunks, linear_memory_naive_chunks
 
 __all__ = ["linear_memory", "deep_memory", "init_deep_memory"]
@@ -77,7 +80,7 @@ def linear_memory(q, k, v, theta, eta, alpha, *, chunk_size: int, state=None, ch
     _check(q, k, v, theta, eta, alpha, chunk_size, chunk_offset)
     out_dtype = q.dtype
     q, k, v, theta, eta, alpha, state = _compute_precision(q, k, v, theta, eta, alpha, state)
-    if backend == "auto":
+    if backend in ("auto", "fused"):  # "fused" is the deep memory's; the linear chunked loop is already lean
         backend = "chunked"
     kw = dict(chunk_size=chunk_size, state=state, chunk_offset=chunk_offset)
     if backend == "chunked":
@@ -101,7 +104,11 @@ def deep_memory(q, k, v, theta, eta, alpha, *, chunk_size: int, state, chunk_off
     _check(q, k, v, theta, eta, alpha, chunk_size, chunk_offset)
     out_dtype = q.dtype
     q, k, v, theta, eta, alpha, state = _compute_precision(q, k, v, theta, eta, alpha, state)
-    if backend in ("auto", "chunked", "triton"):   # no Triton kernel for the deep memory: chunked torch
+    if backend in ("auto", "fused", "triton"):   # no Triton kernel for the deep memory: the fused torch loop
+        y, state = deep_memory_fused(q, k, v, theta, eta, alpha, state, chunk_size=chunk_size,
+                                     chunk_offset=chunk_offset, act=act)
+        return y.to(out_dtype), state
+    if backend == "chunked":
         y, state = deep_memory_chunked(q, k, v, theta, eta, alpha, state, chunk_size=chunk_size,
                                        chunk_offset=chunk_offset, act=act)
         return y.to(out_dtype), state

@@ -1,7 +1,9 @@
-"""Deep (MLP) Titans memory: the DESIGN.md §2 properties, fp64, chunked dual form vs the spec.
+"""Deep (MLP) Titans memory: the DESIGN.md §2 properties, fp64, both fast paths vs the spec.
 
-The spec computes every per-token gradient with torch.autograd (create_graph), the chunked form by hand-written
-backprop inside the dual form; gradients of both go through autograd (second order for the spec).
+The spec computes every per-token gradient with torch.autograd (create_graph), the fast paths by hand-written
+backprop inside the dual form. Gradients: autograd through the spec (second order) and through the chunked
+dual form; the fused loop (kernels/titans/deep_fused.py) has a hand-written backward. Every property test runs
+on both fast paths (`impl`).
 Property 5 (delta rule) is specific to the linear memory and lives in test_titans_linear.py.
 """
 from __future__ import annotations
@@ -32,17 +34,21 @@ def _assert_all_close(got, want, tol=TOL, what=""):
         assert err < tol, f"{what} tensor {i}: rel err {err:.3e}"
 
 
-def _chunked(*a, **kw):
-    return deep_memory(*a, backend="chunked", **kw)
+@pytest.fixture(params=["chunked", "fused"])
+def impl(request):
+    """The fast path under test: deep_memory with that backend."""
+    def run(*a, **kw):
+        return deep_memory(*a, backend=request.param, **kw)
+    return run
 
 
 # ------------------------------------------------------------------------------------- 1. equals the spec (forward)
 @pytest.mark.parametrize("T", LENGTHS)
 @pytest.mark.parametrize("b", CHUNKS)
-def test_forward_equals_spec(b, T):
+def test_forward_equals_spec(b, T, impl):
     q, k, v, th, et, al = _inputs(T, seed=T + 7 * b)
     state = make_deep_state(B, H, DK, DV)
-    y, st = _chunked(q, k, v, th, et, al, chunk_size=b, state=state)
+    y, st = impl(q, k, v, th, et, al, chunk_size=b, state=state)
     if b == 1:
         y_ref, st_ref = deep_memory_recurrent(q, k, v, th, et, al, state)
     else:
@@ -51,10 +57,10 @@ def test_forward_equals_spec(b, T):
 
 
 @pytest.mark.parametrize("depth,act", [(3, "silu"), (2, "silu"), (3, "gelu")])
-def test_forward_other_depths_and_activations(depth, act):
+def test_forward_other_depths_and_activations(depth, act, impl):
     q, k, v, th, et, al = _inputs(60, seed=depth)
     state = make_deep_state(B, H, DK, DV, depth=depth, expansion=1.5)
-    y, st = _chunked(q, k, v, th, et, al, chunk_size=16, state=state, act=act)
+    y, st = impl(q, k, v, th, et, al, chunk_size=16, state=state, act=act)
     y_ref, st_ref = deep_memory_naive_chunks(q, k, v, th, et, al, state, chunk_size=16, act=act)
     _assert_all_close((y, st), (y_ref, st_ref))
 
@@ -66,16 +72,16 @@ def test_init_deep_memory_shapes():
 
 # -------------------------------------------------------------------------------------- 2. chained == one pass
 @pytest.mark.parametrize("b", CHUNKS)
-def test_chained_pieces_equal_one_pass(b):
+def test_chained_pieces_equal_one_pass(b, impl):
     T = 100
     q, k, v, th, et, al = _inputs(T, seed=11)
     state0 = make_deep_state(B, H, DK, DV)
-    y_full, st_full = _chunked(q, k, v, th, et, al, chunk_size=b, state=state0)
+    y_full, st_full = impl(q, k, v, th, et, al, chunk_size=b, state=state0)
     pieces = [1, 16, 5, 0, 50, 27, 1]
     state, seen, ys = state0, 0, []
     for n in pieces:
         sl = slice(seen, seen + n)
-        y, state = _chunked(q[:, :, sl], k[:, :, sl], v[:, :, sl], th[:, :, sl], et[:, :, sl], al[:, :, sl],
+        y, state = impl(q[:, :, sl], k[:, :, sl], v[:, :, sl], th[:, :, sl], et[:, :, sl], al[:, :, sl],
                             chunk_size=b, state=state, chunk_offset=seen % b)
         ys.append(y)
         seen += n
@@ -84,21 +90,21 @@ def test_chained_pieces_equal_one_pass(b):
 
 # ------------------------------------------------------------------------------------------------ 3. causality
 @pytest.mark.parametrize("b", [1, 16])
-def test_causality(b):
+def test_causality(b, impl):
     T, t0 = 64, 37
     inputs = _inputs(T, seed=13)
     other = _inputs(T, seed=14)
     mixed = [torch.cat([x[:, :, :t0 + 1], o[:, :, t0 + 1:]], dim=2) for x, o in zip(inputs, other)]
     state = make_deep_state(B, H, DK, DV)
-    y1, _ = _chunked(*inputs, chunk_size=b, state=state)
-    y2, _ = _chunked(*mixed, chunk_size=b, state=state)
+    y1, _ = impl(*inputs, chunk_size=b, state=state)
+    y2, _ = impl(*mixed, chunk_size=b, state=state)
     assert (y1[:, :, :t0 + 1] - y2[:, :, :t0 + 1]).abs().max().item() < 1e-13
     assert (y1[:, :, t0 + 1:] - y2[:, :, t0 + 1:]).abs().max().item() > 1e-4
 
 
 # ---------------------------------------------------------------------------------------------- 4. gate limits
 @pytest.mark.parametrize("b", [1, 3, 16])
-def test_alpha_one_erases(b):
+def test_alpha_one_erases(b, impl):
     """alpha = 1 with eta = theta = 0 at the last token of chunk 0 zeroes every weight and momentum: that token
     reads 0 and all later outputs are independent of the initial state and of earlier tokens."""
     T, t0 = 40, b - 1
@@ -108,29 +114,29 @@ def test_alpha_one_erases(b):
     k2, v2 = k.clone(), v.clone()
     for x in (k2, v2):
         x[:, :, :t0] = torch.randn_like(x[:, :, :t0])
-    y1, st1 = _chunked(q, k, v, th, et, al, chunk_size=b, state=make_deep_state(B, H, DK, DV, seed=2))
-    y2, st2 = _chunked(q, k2, v2, th, et, al, chunk_size=b, state=make_deep_state(B, H, DK, DV, seed=8))
+    y1, st1 = impl(q, k, v, th, et, al, chunk_size=b, state=make_deep_state(B, H, DK, DV, seed=2))
+    y2, st2 = impl(q, k2, v2, th, et, al, chunk_size=b, state=make_deep_state(B, H, DK, DV, seed=8))
     assert y1[:, :, t0].abs().max().item() == 0.0
     # the memory restarts from zero weights: an all-zero MLP has zero gradient, so it stays zero
     _assert_all_close((y1[:, :, t0:], st1), (y2[:, :, t0:], st2), tol=1e-12)
 
 
 @pytest.mark.parametrize("b", [1, 16])
-def test_zero_gates_keep_initial_memory(b):
+def test_zero_gates_keep_initial_memory(b, impl):
     q, k, v, th, _, _ = _inputs(33, seed=19)
     z = torch.zeros_like(th)
     ws, ss = make_deep_state(B, H, DK, DV)
-    y, (ws1, ss1, _) = _chunked(q, k, v, z, z, z, chunk_size=b, state=(ws, ss))
+    y, (ws1, ss1, _) = impl(q, k, v, z, z, z, chunk_size=b, state=(ws, ss))
     _assert_all_close((y, ws1, ss1), (mlp_forward(ws, q, "gelu"), ws, tuple(torch.zeros_like(s) for s in ss)),
                       tol=1e-13)
 
 
 @pytest.mark.parametrize("b", [1, 16])
-def test_small_step_lowers_loss(b):
+def test_small_step_lowers_loss(b, impl):
     q, k, v, _, _, _ = _inputs(1, seed=23)
     z = torch.zeros(B, H, 1, dtype=q.dtype)
     ws, ss = make_deep_state(B, H, DK, DV)
-    _, (ws1, _, _) = _chunked(q, k, v, z + 1e-3, z, z, chunk_size=b, state=(ws, None))
+    _, (ws1, _, _) = impl(q, k, v, z + 1e-3, z, z, chunk_size=b, state=(ws, None))
     before = (mlp_forward(ws, k, "gelu") - v).norm(dim=-1)
     after = (mlp_forward(ws1, k, "gelu") - v).norm(dim=-1)
     assert (after < before).all()
@@ -160,11 +166,11 @@ def _spec_adapter(q, k, v, th, et, al, *, state, chunk_size, chunk_offset=0, act
 
 @pytest.mark.parametrize("b,T,offset,depth", [(1, 17, 0, 2), (3, 40, 0, 2), (16, 100, 0, 2), (64, 100, 0, 2),
                                               (16, 30, 5, 3)])
-def test_gradients_equal_autograd_of_spec(b, T, offset, depth):
+def test_gradients_equal_autograd_of_spec(b, T, offset, depth, impl):
     inputs = _inputs(T, seed=31 + T)
     ws, ss = make_deep_state(B, H, DK, DV, depth=depth)
     state = (ws, ss, tuple(w + 0.05 * torch.randn_like(w) for w in ws)) if offset else (ws, ss)
-    outs, grads = deep_grads(_chunked, inputs, state, b, offset)
+    outs, grads = deep_grads(impl, inputs, state, b, offset)
     outs_ref, grads_ref = deep_grads(_spec_adapter, inputs, state, b, offset)
     _assert_all_close(outs, outs_ref, what="outputs")
     names = ["q", "k", "v", "theta", "eta", "alpha"] + [f"state{i}" for i in range(len(grads) - 6)]
@@ -172,3 +178,68 @@ def test_gradients_equal_autograd_of_spec(b, T, offset, depth):
         assert r.abs().max().item() > 0, f"{name}: reference gradient is zero"
         err = max_rel_err(g, r)
         assert err < TOL, f"grad {name}: rel err {err:.3e}"
+
+
+# ------------------------------------------------------------------- the fused loop's hand-written backward
+def _fused(*a, **kw):
+    return deep_memory(*a, backend="fused", **kw)
+
+
+def _chunked(*a, **kw):
+    return deep_memory(*a, backend="chunked", **kw)
+
+
+@pytest.mark.parametrize("b,T,offset,depth,act", [(8, 3, 2, 2, "gelu"),    # one chunk entered mid-way, ends mid-way
+                                                  (4, 23, 2, 3, "silu"), (5, 5, 0, 1, "gelu"), (7, 31, 6, 2, "silu")])
+def test_fused_gradients_equal_spec_other_shapes(b, T, offset, depth, act):
+    """Odd shapes the property tests do not reach: a single chunk whose anchor is the incoming one, depth 3 and
+    depth 1, SiLU (its second derivative differs from GELU's), chunk offsets at both ends."""
+    inputs = _inputs(T, seed=41 + T)
+    ws, ss = make_deep_state(B, H, DK, DV, depth=depth)
+    state = (ws, ss, tuple(w + 0.05 * torch.randn_like(w) for w in ws)) if offset else (ws, ss)
+    outs, grads = deep_grads(_fused, inputs, state, b, offset, act=act)
+    outs_ref, grads_ref = deep_grads(_spec_adapter, inputs, state, b, offset, act=act)
+    _assert_all_close(outs, outs_ref, what="outputs")
+    for i, (g, r) in enumerate(zip(grads, grads_ref)):
+        assert r.abs().max().item() > 0, f"input {i}: reference gradient is zero"
+        assert max_rel_err(g, r) < TOL, f"grad {i}: rel err {max_rel_err(g, r):.3e}"
+
+
+@pytest.mark.parametrize("use", ["y", "state", "anchor"])
+def test_fused_gradients_of_each_output_alone(use):
+    """Gradients reach the inputs from each output on its own (the others get no gradient at all)."""
+    T, b, offset = 37, 8, 3   # (3 + 37) % 8 == 0 would make the anchor the final weights: 40 → use T = 37
+    inputs = [x.requires_grad_(True) for x in (t.clone() for t in _inputs(T, seed=5))]
+    ws, ss = make_deep_state(B, H, DK, DV)
+    state = (ws, ss, tuple(w + 0.05 * torch.randn_like(w) for w in ws))
+    grads = {}
+    for name, fn in (("fused", _fused), ("chunked", _chunked)):
+        st = tuple(tuple(t.clone().requires_grad_(True) for t in part) for part in state)
+        y, (w1, s1, a1) = fn(*inputs, chunk_size=b, state=st, chunk_offset=offset)
+        out = {"y": [y], "state": [*w1, *s1], "anchor": list(a1)}[use]
+        loss = random_projection_loss(out)
+        grads[name] = torch.autograd.grad(loss, [*inputs, *flatten(st)], allow_unused=True)
+    for g, r in zip(grads["fused"], grads["chunked"]):
+        if r is None:
+            assert g is None or g.abs().max().item() == 0
+        else:
+            assert max_rel_err(g, r) < TOL
+
+
+def test_fused_fp32_and_bf16_at_model_sizes():
+    """fp32 at the MAC benchmark's shapes (B 2, 4 heads, 64 wide, chunk 16, a 128-token segment) against the
+    chunked form in fp64, and bf16 inputs (computed in fp32, returned in bf16)."""
+    q, k, v, th, et, al = make_inputs(2, 4, 128, 64, 64, seed=3, theta_max=0.02, eta_max=0.95, alpha_max=0.05)
+    ws, ss = make_deep_state(2, 4, 64, 64)
+    want_outs, want = deep_grads(_chunked, (q, k, v, th, et, al), (ws, ss), 16)
+    f32 = lambda t: t.float()  # noqa: E731
+    got_outs, got = deep_grads(_fused, [f32(x) for x in (q, k, v, th, et, al)],
+                               (tuple(map(f32, ws)), tuple(map(f32, ss))), 16)
+    for a, r in zip(flatten(got_outs) + list(got), flatten(want_outs) + list(want)):
+        assert max_rel_err(a.double(), r) < 2e-5
+    # bf16: the same rounded inputs in fp64 are the reference; what is left is the bf16 rounding of y
+    inputs16, ws16 = [x.bfloat16() for x in (q, k, v, th, et, al)], tuple(w.bfloat16() for w in ws)
+    y16, _ = _fused(*inputs16, chunk_size=16, state=(ws16, None))
+    y_ref, _ = _chunked(*(x.double() for x in inputs16), chunk_size=16, state=(tuple(w.double() for w in ws16), None))
+    assert y16.dtype == torch.bfloat16
+    assert max_rel_err(y16.double(), y_ref) < 1e-2
