@@ -37,11 +37,11 @@ def matmul_weights(model: nn.Module, tp_size: int = 1) -> int:
     tied = bool(getattr(getattr(model, "cfg", None), "tie_embeddings", False))
     for module in model.modules():
         weight = getattr(module, "weight", None)
-        if not isinstance(weight, nn.Parameter) or weight.dim() != 2:
+        # ZeRO-3 partitions a parameter in place (shape [0] on a rank): ds_shape / ds_numel are its full size
+        if not isinstance(weight, nn.Parameter) or len(getattr(weight, "ds_shape", weight.shape)) != 2:
             continue
         if module is embedding and not tied:
             continue  # a lookup, not a matmul (when tied, the same matrix is the lm head's matmul)
-        # ZeRO-3 partitions a parameter in place (numel 0 on a rank): ds_numel is its full size
         total += getattr(weight, "ds_numel", weight.numel()) * (tp_size if partition_dim(weight) is not None else 1)
     return total
 

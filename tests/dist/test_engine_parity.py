@@ -40,11 +40,13 @@ def _one_step(cfg, layout, device=torch.device("cpu"), batch=None):
     from launch.tensor_parallel import MegatronFactory, gather_full
     from model import LayerFactory, build_model
     from train.engine import build_engine
+    from train.flops import flops_per_token
 
     torch.manual_seed(0)
     factory = MegatronFactory() if layout.tp > 1 else LayerFactory()
     model = build_model(cfg.model, factory)
     engine = build_engine(model, cfg, layout, run_dir=None, device=device)
+    flops = flops_per_token(model, SEQ, layout.tp)  # after the engine: ZeRO-3 has partitioned the weights by now
     inputs, targets = batch if batch is not None else _batch()
     per_rank = inputs.shape[0] // layout.dp
     accum = cfg.optim.grad_accum
@@ -59,7 +61,7 @@ def _one_step(cfg, layout, device=torch.device("cpu"), batch=None):
     state = engine.model_state()
     params = dict(model.named_parameters())
     full = {name: gather_full(state[name], params[name]) if layout.tp > 1 else state[name] for name in params}
-    return {"loss": loss, "norm": norm, "params": full}
+    return {"loss": loss, "norm": norm, "params": full, "flops_per_token": flops}
 
 
 def _ranks(rank: int, world: int, cases: list[tuple[int, int, int]]):
@@ -100,6 +102,8 @@ def test_two_ranks_reproduce_single_process(reference, two_rank_results, case):
         got = results[case]
         assert abs(got["norm"] - reference["norm"]) < 1e-5 * reference["norm"], (rank, got["norm"], reference["norm"])
         assert reference["norm"] > 0.5, "clipping must be active for this test to check it"
+        # the MFU numerator counts the whole model on every layout (ZeRO-3 shards, TP shards)
+        assert got["flops_per_token"] == reference["flops_per_token"], (rank, got["flops_per_token"])
         for name, want in reference["params"].items():
             diff = float((got["params"][name] - want).abs().max())
             assert diff < 1e-5, (rank, name, diff)
