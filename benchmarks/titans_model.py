@@ -11,11 +11,12 @@
     for T <= --peer-max-len.
 (b) speed: MAC training step (forward + backward + AdamW step) tokens/s of this project against the peer
     `titans-pytorch` (`MemoryAsContextTransformer`) at the same width, depth, attention heads, memory heads, segment
-    length, memory chunk size, memory depth, memory MLP expansion, batch and sequence length; both configurations
-    are printed. The peer is never a project dependency: it runs in its own interpreter (`--peer-python`, a venv
-    with torch + titans-pytorch), through this same file in `--worker peer` mode, which imports nothing of the
-    project. Each implementation runs in a fresh subprocess per round, alternating (ours, peer, ours, peer, ...),
-    so machine load drifts hit both; the best step of each is reported, and their ratio (wall clock), plus the
+    length, memory chunk size, memory depth, memory MLP expansion, batch and sequence length, and with the peer's
+    memory gradients taken at each chunk's start memory as ours are (`neural_memory_batch_size` = chunk size;
+    `--peer-ttt-batch 0` for the peer's default); both configurations are printed. The peer is never a project
+    dependency: it runs in its own interpreter (`--peer-python`, a venv with torch + titans-pytorch), through this
+    same file in `--worker peer` mode, which imports nothing of the project. Each implementation runs in a fresh
+    subprocess per round, alternating (ours, peer, ours, peer, ...), so machine load drifts hit both; the best step of each is reported, and their ratio (wall clock), plus the
     ratio of best per-step CPU time of the process (1 thread: the work done, less distorted by other processes on
     a shared machine) and the matrix-product GFLOP of one forward + backward of each. Peak RSS growth of each
     worker from the built model on (first step, gradients and AdamW state included) is reported too.
@@ -259,14 +260,14 @@ def main() -> None:
     ap.add_argument("--segment-len", type=int, default=128)
     ap.add_argument("--chunk-size", type=int, default=64)
     ap.add_argument("--peer-chunk-size", type=int, default=None,
-                    help="the peer's neural_memory_segment_len (default: --chunk-size). It sets the peer's update "
-                         "granularity (weights fixed per chunk); 1 = an update per token, the semantics of ours at "
-                         "any --chunk-size (ours: chunk size is only a compute blocking)")
+                    help="the peer's neural_memory_segment_len (default: --chunk-size): the chunk its momentum, "
+                         "forgetting and read-out weights are grouped by")
     ap.add_argument("--peer-ttt-batch", type=int, default=None,
                     help="the peer's neural_memory_batch_size: how many tokens share the weights their memory "
-                         "gradients are taken at (default: --chunk-size, the paper's and DESIGN.md §2's chunk-start "
-                         "memory); 0 = the peer's default None, every gradient of a call at the call's initial "
-                         "weights (no sequential dependence between chunks: cheaper, and not the same model)")
+                         "gradients are taken at (default: the peer's chunk size, i.e. the paper's and DESIGN.md "
+                         "§2's chunk-start memory, what ours computes); 0 = the peer's default None, every gradient "
+                         "of a call at the call's initial weights (no sequential dependence between chunks: "
+                         "cheaper, and not the same model)")
     ap.add_argument("--mem-depth", type=int, default=2)
     ap.add_argument("--mem-expansion", type=float, default=2.0)
     ap.add_argument("--persist", type=int, default=4, help="persistent (meta) tokens")
@@ -289,7 +290,8 @@ def main() -> None:
     a = dict(dim=args.dim, depth=args.depth, heads=args.heads, mem_heads=args.mem_heads,
              segment_len=args.segment_len, chunk_size=args.chunk_size, mem_depth=args.mem_depth,
              peer_chunk_size=args.peer_chunk_size or args.chunk_size,
-             peer_ttt_batch=args.chunk_size if args.peer_ttt_batch is None else args.peer_ttt_batch,
+             peer_ttt_batch=(args.peer_chunk_size or args.chunk_size) if args.peer_ttt_batch is None
+             else args.peer_ttt_batch,
              mem_expansion=args.mem_expansion,
              persist=args.persist, batch=args.batch, seq_len=args.seq_len,
              vocab=args.vocab, steps=args.steps, threads=args.threads)
