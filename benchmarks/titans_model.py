@@ -16,10 +16,11 @@
     `--peer-ttt-batch 0` for the peer's default); both configurations are printed. The peer is never a project
     dependency: it runs in its own interpreter (`--peer-python`, a venv with torch + titans-pytorch), through this
     same file in `--worker peer` mode, which imports nothing of the project. Each implementation runs in a fresh
-    subprocess per round, alternating (ours, peer, ours, peer, ...), so machine load drifts hit both; the best step of each is reported, and their ratio (wall clock), plus the
-    ratio of best per-step CPU time of the process (1 thread: the work done, less distorted by other processes on
-    a shared machine) and the matrix-product GFLOP of one forward + backward of each. Peak RSS growth of each
-    worker from the built model on (first step, gradients and AdamW state included) is reported too.
+    subprocess per round, alternating (ours, peer, ours, peer, ...), so machine load drifts hit both; the best step
+    of each is reported, and their ratio (wall clock), plus the ratio of best per-step CPU time of the process (1
+    thread: the work done, less distorted by other processes on a shared machine) and the matrix-product GFLOP of
+    one forward + backward of each. Peak RSS growth of each worker from the built model on (first step, gradients
+    and AdamW state included) is reported too.
 """
 from __future__ import annotations
 
