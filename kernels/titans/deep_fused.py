@@ -97,7 +97,7 @@ def _boundary_into(out_W, out_S, bL, cL, aL, un, wn, Ws, Ss, xs, ds):
         out_S[l].baddbmm_(dT, wn * xs[l], alpha=-1.0)
 
 
-def _chunk_backward(gy, gWn, gSn, Q, bn, cn, Cn, un, wn, bL, cL, aL, Ws, Ss, Wg, keys, read, act, share_wg):
+def _chunk_backward(gy, gWn, gSn, bn, cn, Cn, un, wn, bL, cL, aL, Ws, Ss, Wg, keys, read, act, share_wg):
     """Gradients of one chunk. gy `[G, b, d_L]`; gWn, gSn: per layer, gradients of the chunk's end state.
     With `share_wg` (Wg is the chunk-start W itself) the Wg gradients are added into gW. Returns (gQ, gK, gV,
     g_bn, g_cn, g_Cn, g_un, g_wn, g_bL, g_cL, g_aL, gW, gS, gWg)."""
@@ -170,7 +170,7 @@ class _DeepChunkLoop(torch.autograd.Function):
     @staticmethod
     def forward(ctx, act, L, qc, kc, vc, beta, c, Ctheta, u, w, a_last, *state):
         NC = qc.shape[1]
-        # states[l][n] = W_l at the start of chunk n (n = NC: the end); written in place, saved for the backward
+        # bufs_W[l][n] = W_l at the start of chunk n (n = NC: the end); written in place, saved for the backward
         bufs_W = [state[l].new_empty(NC + 1, *state[l].shape) for l in range(L)]
         bufs_S = [state[l].new_empty(NC + 1, *state[l].shape) for l in range(L)]
         for l in range(L):
@@ -214,7 +214,7 @@ class _DeepChunkLoop(torch.autograd.Function):
             keys, read = ctx.kept[n]
             share = n > 0 and n < NC - 1  # chunk NC-1's Wg is also an output: its gradient is kept apart
             (gQ, gK, gV, g_bn, g_cn, g_Cn, g_un, g_wn, g_bL, g_cL, g_aL, gW, gS, gWg) = _chunk_backward(
-                gy[:, n], gWn, gSn, qc[:, n], *coef, Ws, Ss, Wg, keys, read, act, share)
+                gy[:, n], gWn, gSn, *coef, Ws, Ss, Wg, keys, read, act, share)
             if n == NC - 1:
                 gWg = [a + b for a, b in zip(gWg, g_last_wg)]
             gq[:, n], gk[:, n], gv[:, n] = gQ, gK, gV
