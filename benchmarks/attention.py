@@ -63,7 +63,7 @@ def _child(args) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from kernels.attention import attention, build_mask, select_backend
+    from memtrain.kernels.attention import attention, build_mask, select_backend
 
     torch.manual_seed(0)
     n, P, W = args.child_n, args.prefix, args.window

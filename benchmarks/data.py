@@ -2,7 +2,7 @@
 
 The stream target is >= 5M tokens/s per worker (a worker is one `SlotReader`, i.e. one DataLoader process);
 the reader is measured alone and through `Stream` (tensor conversion included, num_workers=0).
-Default DIR: data_cache/stdlib (made by `python -m data.prepare --source stdlib --out data_cache/stdlib`).
+Default DIR: data_cache/stdlib (made by `python -m memtrain.data.prepare --source stdlib --out data_cache/stdlib`).
 """
 from __future__ import annotations
 
@@ -11,17 +11,14 @@ import os
 import sys
 import time
 
-# Run as a script, this file's folder comes first on sys.path and its name would hide the `data` package.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-sys.path.insert(0, os.path.dirname(_HERE))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
-from data.config import DataConfig  # noqa: E402
-from data.errors import ArgumentParser, run_cli
-from data.manifest import check_tokenizer, load_manifest
-from data.reader import SlotReader
-from data.shards import read_shard
-from data.stream import build_stream
+from memtrain.data.config import DataConfig  # noqa: E402
+from memtrain.data.errors import ArgumentParser, run_cli
+from memtrain.data.manifest import check_tokenizer, load_manifest
+from memtrain.data.reader import SlotReader
+from memtrain.data.shards import read_shard
+from memtrain.data.stream import build_stream
 
 
 def _rate(step, tokens_per_step: int, seconds: float) -> float:

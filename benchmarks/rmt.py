@@ -88,8 +88,8 @@ class _Release:
 
 
 def build(args, segments: int):
-    from model import ModelConfig, build_model
-    from model.rmt_config import RMTConfig
+    from memtrain.model import ModelConfig, build_model
+    from memtrain.model.rmt_config import RMTConfig
     cfg = ModelConfig(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
                       max_seq_len=segments * args.segment_len, attention_backend="sdpa", memory="rmt",
                       rmt=RMTConfig(segment_len=args.segment_len, num_memory=args.memory))

@@ -46,7 +46,7 @@ def _meter_class():
 
 
 def build(name: str, args, n: int):
-    from model import ModelConfig, build_model
+    from memtrain.model import ModelConfig, build_model
     cfg = ModelConfig(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
                       max_seq_len=max(n, args.segment), attention_backend="sdpa")
     if name == "full_dense":

@@ -5,7 +5,7 @@
     python benchmarks/titans.py --only memory   # peak memory vs T only
 
 1. speed: forward + backward of the linear memory, B=1, H=4, T=4096, Dk=Dv=64, fp32. The fast path ("auto":
-   chunked torch on CPU, Triton on CUDA) against the per-token spec loops of kernels/titans/reference.py:
+   chunked torch on CPU, Triton on CUDA) against the per-token spec loops of memtrain/kernels/titans/reference.py:
    the naive chunk loop at the same chunk size (identical outputs) and the b = 1 recurrence. Also the deep (MLP)
    memory: the fused loop (hand-written backward, the default) against autograd through the chunked dual form
    and the naive loop (shorter T: the spec takes per-token autograd gradients), at --deep-chunk-sizes.
@@ -29,10 +29,10 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from kernels.titans import deep_memory, linear_memory  # noqa: E402
-from kernels.titans.reference import (deep_memory_naive_chunks, linear_memory_naive_chunks,  # noqa: E402
+from memtrain.kernels.titans import deep_memory, linear_memory  # noqa: E402
+from memtrain.kernels.titans.reference import (deep_memory_naive_chunks, linear_memory_naive_chunks,  # noqa: E402
                                       linear_memory_recurrent)
-from kernels.titans.testing import make_deep_state, make_inputs, make_linear_state  # noqa: E402
+from memtrain.kernels.titans.testing import make_deep_state, make_inputs, make_linear_state  # noqa: E402
 
 
 def emit(**kw):

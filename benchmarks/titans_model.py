@@ -60,8 +60,8 @@ def _load_avg() -> float:
 
 def _our_model(a: dict):
     sys.path.insert(0, ROOT)
-    from model import ModelConfig, build_model
-    from model.titans_config import TitansConfig
+    from memtrain.model import ModelConfig, build_model
+    from memtrain.model.titans_config import TitansConfig
     cfg = ModelConfig(vocab_size=a["vocab"], d_model=a["dim"], n_layers=a["depth"], n_heads=a["heads"],
                       max_seq_len=max(a["seq_len"], 1024), num_meta_tokens=a["persist"], memory="mac",
                       attention_backend="auto",

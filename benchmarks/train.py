@@ -6,8 +6,8 @@
                                                                       # baseline, MAC and MAG (--memory)
 
 One JSON line per model and layout: median tokens/s and MFU over the steps after warm-up (MFU formula in
-train/flops.py, stated in each line), and tokens/s relative to `single` of the same model. Every CPU run goes
-through the real launcher (launch/run.sh), so the numbers include what a user gets.
+memtrain/train/flops.py, stated in each line), and tokens/s relative to `single` of the same model. Every CPU run goes
+through the real launcher (memtrain/launch/run.sh), so the numbers include what a user gets.
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def run_layout(name: str, memory: str, args: argparse.Namespace, port: int) -> d
     with tempfile.TemporaryDirectory() as run_dir:
         sets = [*SMALL, *MEMORY[memory], *extra, f"schedule.steps={args.steps}", f"data.path=\"{args.data}\"",
                 "device=\"cpu\""]
-        cmd = [str(ROOT / "launch" / "run.sh"), "--nproc", str(ranks), "--master-port", str(port), "--",
+        cmd = [str(ROOT / "memtrain" / "launch" / "run.sh"), "--nproc", str(ranks), "--master-port", str(port), "--",
                "--config", "configs/demo.toml", "--run-dir", run_dir]
         for s in sets:
             cmd += ["--set", s]
@@ -80,7 +80,7 @@ def main() -> int:
     p.add_argument("--config", default="configs/gpu_1b.toml")
     args = p.parse_args()
     from tests.dist.spawn import free_port
-    from train.flops import FORMULA
+    from memtrain.train.flops import FORMULA
     if args.gpu:
         return run_gpu(args)
     for memory in args.memory or ["none"]:
@@ -105,7 +105,7 @@ def run_gpu(args: argparse.Namespace) -> int:
     failed = 0
     for memory in args.memory or ["none", "mac", "mag"]:
         with tempfile.TemporaryDirectory() as run_dir:
-            cmd = [sys.executable, "-m", "train", "--config", args.config, "--run-dir", run_dir,
+            cmd = [sys.executable, "-m", "memtrain.train", "--config", args.config, "--run-dir", run_dir,
                    "--set", f"schedule.steps={args.steps}", "--set", "logging.progress=false",
                    "--set", f"model.memory=\"{memory}\""]
             proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)

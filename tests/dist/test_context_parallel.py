@@ -36,8 +36,8 @@ TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
 def _config(case: str):
-    from model import ModelConfig
-    from model.rmt_config import RMTConfig
+    from memtrain.model import ModelConfig
+    from memtrain.model.rmt_config import RMTConfig
     kw = {**BASE, **CASES[case]}
     if "rmt" in kw:
         kw["rmt"] = RMTConfig(**kw["rmt"])
@@ -54,8 +54,8 @@ def compare_with_single_process(cp, cases, config, world: int) -> dict:
     where it is the mean loss) between the model on `cp`'s slices and one process over the whole sequence."""
     import torch.distributed as dist
 
-    from model import build_model
-    from model.factory import LayerFactory
+    from memtrain.model import build_model
+    from memtrain.model.factory import LayerFactory
 
     results = {}
     for case in cases:
@@ -102,9 +102,9 @@ def compare_with_single_process(cp, cases, config, world: int) -> dict:
 
 
 def _model_rank(rank: int, world: int) -> dict:
-    from launch.config import ParallelConfig
-    from launch.context_parallel import ContextParallel
-    from launch.groups import init_parallel
+    from memtrain.launch.config import ParallelConfig
+    from memtrain.launch.context_parallel import ContextParallel
+    from memtrain.launch.groups import init_parallel
     from megatron.core import parallel_state
 
     layout = init_parallel(ParallelConfig(cp=world), torch.device("cpu"), seq_len=T)
@@ -117,8 +117,8 @@ def _model_rank(rank: int, world: int) -> dict:
 def _titans_rank(rank: int, world: int) -> dict:
     import torch.distributed as dist
 
-    from kernels.titans import deep_memory, init_deep_memory, linear_memory
-    from launch.context_parallel import ContextParallel
+    from memtrain.kernels.titans import deep_memory, init_deep_memory, linear_memory
+    from memtrain.launch.context_parallel import ContextParallel
 
     cp = ContextParallel(dist.group.WORLD)
     dtype = torch.float64
@@ -210,7 +210,7 @@ ZERO_CASES = {"baseline": (1, 2, 3), "rmt": (1,), "titans_mac": (2,)}  # ZeRO-3:
 
 
 def _train_config(case: str, cp: int, zero: int | None = None):
-    from train.config import load_config
+    from memtrain.train.config import load_config
     engine = ["parallel.engine=\"torch\""] if zero is None else ["parallel.engine=\"deepspeed\"",
                                                                   f"parallel.zero_stage={zero}"]
     return load_config(None, [*engine,
@@ -222,12 +222,12 @@ def _train_config(case: str, cp: int, zero: int | None = None):
 
 def _train_rank(rank: int, world: int) -> dict:
     """One optimizer step: CP = 2 on this rank's slices (torch engine, DeepSpeed ZeRO 1-3) vs one process."""
-    from launch.config import ParallelConfig
-    from launch.context_parallel import ContextParallel
-    from launch.groups import init_parallel, resolve_layout
+    from memtrain.launch.config import ParallelConfig
+    from memtrain.launch.context_parallel import ContextParallel
+    from memtrain.launch.groups import init_parallel, resolve_layout
     from megatron.core import parallel_state
-    from model import LayerFactory, build_model
-    from train.engine import build_engine
+    from memtrain.model import LayerFactory, build_model
+    from memtrain.train.engine import build_engine
 
     if not parallel_state.model_parallel_is_initialized():
         init_parallel(ParallelConfig(cp=world), torch.device("cpu"), seq_len=T)
@@ -307,10 +307,10 @@ def test_cp2_titans_memory_ops_match_single_process():
 def test_cp_layout_order_and_errors():
     from megatron.core.parallel_state import RankGenerator
 
-    from launch.config import LayoutError, ParallelConfig
-    from launch.context_parallel import check_context_parallel
-    from launch.groups import resolve_layout
-    from train.config import ConfigError
+    from memtrain.launch.config import LayoutError, ParallelConfig
+    from memtrain.launch.context_parallel import check_context_parallel
+    from memtrain.launch.groups import resolve_layout
+    from memtrain.train.config import ConfigError
 
     # our coordinates follow megatron-core's default order (tp, cp, ep, dp, pp)
     world, tp, cp, dp = 8, 2, 2, 2

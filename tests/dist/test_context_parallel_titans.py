@@ -34,8 +34,8 @@ CASES = {
 
 
 def _config(case: str):
-    from model import ModelConfig
-    from model.titans_config import TitansConfig
+    from memtrain.model import ModelConfig
+    from memtrain.model.titans_config import TitansConfig
     kw = {**BASE, **CASES[case]}
     # θ 0.1 (default 0.001): the memory moves enough that a wrong hand-off shows in fp32 too
     kw["titans"] = TitansConfig(**{"memory_heads": 2, "conv_size": 4, "theta_init": 0.1, **kw["titans"]})
@@ -45,7 +45,7 @@ def _config(case: str):
 def _rank(rank: int, world: int) -> dict:
     import torch.distributed as dist
 
-    from launch.context_parallel import ContextParallel
+    from memtrain.launch.context_parallel import ContextParallel
     return compare_with_single_process(ContextParallel(dist.group.WORLD), CASES, _config, world)
 
 
@@ -67,8 +67,8 @@ def test_cp2_titans_models_match_single_process():
 
 
 def test_cp_titans_layout_errors():
-    from launch.config import LayoutError
-    from launch.context_parallel import check_context_parallel
+    from memtrain.launch.config import LayoutError
+    from memtrain.launch.context_parallel import check_context_parallel
 
     for case in CASES:  # the parity cases themselves are accepted
         check_context_parallel(_config(case), T, 2)

@@ -6,11 +6,11 @@ import pickle
 import pytest
 import torch
 
-from data.config import DataConfig
-from data.manifest import load_manifest
-from data.reader import SlotReader
-from data.stream import build_stream
-from data.testing import tiny_dataset
+from memtrain.data.config import DataConfig
+from memtrain.data.manifest import load_manifest
+from memtrain.data.reader import SlotReader
+from memtrain.data.stream import build_stream
+from memtrain.data.testing import tiny_dataset
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_bad_shard_in_a_worker_process_is_one_line_data_error(ds, tmp_path):
     import os
     import shutil
 
-    from data.errors import DataError, DataWarning
+    from memtrain.data.errors import DataError, DataWarning
     copy = str(tmp_path / "copy")
     shutil.copytree(ds, copy)
     name = load_manifest(copy).split("train")[0].file

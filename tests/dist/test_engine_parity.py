@@ -18,7 +18,7 @@ SEQ = 12
 
 
 def _config(tp: int = 1, zero: int = 0, accum: int = 1, engine: str = "deepspeed"):
-    from train.config import load_config
+    from memtrain.train.config import load_config
     return load_config(None, [
         "model.vocab_size=96", "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
         "model.num_meta_tokens=2", "model.window=5", "model.global_layers=[-1]", "model.max_seq_len=32",
@@ -37,10 +37,10 @@ def _batch():
 def _one_step(cfg, layout, device=torch.device("cpu"), batch=None):
     """Build model + engine from `cfg`, take one step on this rank's share of `batch` (inputs, targets
     `[GLOBAL_BATCH, T]`, default `_batch()`); return this rank's loss, the norm and the full updated weights."""
-    from launch.tensor_parallel import MegatronFactory, gather_full
-    from model import LayerFactory, build_model
-    from train.engine import build_engine
-    from train.flops import flops_per_token
+    from memtrain.launch.tensor_parallel import MegatronFactory, gather_full
+    from memtrain.model import LayerFactory, build_model
+    from memtrain.train.engine import build_engine
+    from memtrain.train.flops import flops_per_token
 
     torch.manual_seed(0)
     factory = MegatronFactory() if layout.tp > 1 else LayerFactory()
@@ -65,7 +65,7 @@ def _one_step(cfg, layout, device=torch.device("cpu"), batch=None):
 
 
 def _ranks(rank: int, world: int, cases: list[tuple[int, int, int]]):
-    from launch.groups import destroy_parallel, init_parallel
+    from memtrain.launch.groups import destroy_parallel, init_parallel
     from megatron.core import parallel_state
     results = {}
     for tp, zero, accum in cases:
@@ -78,7 +78,7 @@ def _ranks(rank: int, world: int, cases: list[tuple[int, int, int]]):
 
 @pytest.fixture(scope="module")
 def reference():
-    from launch.groups import resolve_layout
+    from memtrain.launch.groups import resolve_layout
     cfg = _config(engine="torch")
     cfg.data.batch_size = GLOBAL_BATCH
     return _one_step(cfg, resolve_layout(cfg.parallel, 1))

@@ -35,7 +35,7 @@ MODELS = {
 
 def _config(kind: str, *, tp: int = 1, pp: int = 1, zero: int = 0, accum: int = 1, dp: int = 1,
             engine: str = "deepspeed", replay: bool = False, cp: int = 1):
-    from train.config import load_config
+    from memtrain.train.config import load_config
     return load_config(None, [
         f"model.vocab_size={VOCAB}", "model.d_model=32", "model.n_layers=2", "model.n_heads=4",
         "model.n_kv_heads=2", "model.num_meta_tokens=2", "model.max_seq_len=64", "model.attention_backend=\"sdpa\"",
@@ -69,7 +69,7 @@ def _case_id(case) -> str:
 def memory_ranks(rank: int, world: int, cases: list[tuple]) -> dict:
     from megatron.core import parallel_state
 
-    from launch.groups import init_parallel
+    from memtrain.launch.groups import init_parallel
     from tests.dist.test_engine_parity import _one_step
     from tests.dist.test_pipeline import _pipeline_step
     torch.set_num_threads(1)
@@ -90,7 +90,7 @@ def memory_ranks(rank: int, world: int, cases: list[tuple]) -> dict:
 
 def reference_steps() -> dict:
     """The torch engine's single-process step for each model kind."""
-    from launch.groups import resolve_layout
+    from memtrain.launch.groups import resolve_layout
     from tests.dist.test_engine_parity import _one_step
     out = {}
     for kind in MODELS:
@@ -145,8 +145,8 @@ def test_two_ranks_reproduce_single_process(references, two_ranks, case):
 
 
 def test_rmt_pipeline_refuses_zero_and_replay_with_one_line():
-    from train.config import ConfigError
-    _config("rmt", pp=2)  # runs launch/rmt_pipeline.py's schedule
+    from memtrain.train.config import ConfigError
+    _config("rmt", pp=2)  # runs memtrain/launch/rmt_pipeline.py's schedule
     for sets, fix in ((dict(zero=1), "parallel.zero_stage=0"), (dict(replay=True), "memory_replay=false")):
         with pytest.raises(ConfigError) as info:
             _config("rmt", pp=2, **sets)
@@ -155,8 +155,8 @@ def test_rmt_pipeline_refuses_zero_and_replay_with_one_line():
 
 
 def test_rmt_pipeline_is_refused_by_build_pipeline():
-    from launch.config import LayoutError
-    from launch.pipeline import check_pipeline_model
+    from memtrain.launch.config import LayoutError
+    from memtrain.launch.pipeline import check_pipeline_model
     with pytest.raises(LayoutError, match="model.memory='rmt'"):
         check_pipeline_model("rmt", 2)
     for kind in ("none", "lmm", "mac", "mag", "mal"):

@@ -1,4 +1,4 @@
-"""Pipeline parallelism (DeepSpeed PipelineModule, launch/pipeline.py) reproduces one single-process step.
+"""Pipeline parallelism (DeepSpeed PipelineModule, memtrain/launch/pipeline.py) reproduces one single-process step.
 
 The comparison of tests/dist/test_engine_parity.py: the same model (meta tokens, a windowed and a global
 layer, tied embeddings), the same initial weights (seed, one normal_ per full weight), the same global batch
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import LayerFactory, build_model
+from memtrain.model import LayerFactory, build_model
 from tests.dist.spawn import run_ranks
 
 GLOBAL_BATCH = 4
@@ -23,7 +23,7 @@ SEQ = 12
 
 def _config(pp: int = 1, tp: int = 1, zero: int = 0, accum: int = 1, dp: int = 1, engine: str = "deepspeed",
             tied: bool = True, cp: int = 1):
-    from train.config import load_config
+    from memtrain.train.config import load_config
     return load_config(None, [
         "model.vocab_size=96", "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
         "model.num_meta_tokens=2", "model.window=5", "model.global_layers=[-1]", "model.max_seq_len=32",
@@ -41,8 +41,8 @@ def _batch():
 
 
 def _model(cfg, layout):
-    from launch.context_parallel import ContextParallel
-    from launch.tensor_parallel import MegatronFactory
+    from memtrain.launch.context_parallel import ContextParallel
+    from memtrain.launch.tensor_parallel import MegatronFactory
     factory = MegatronFactory() if layout.tp > 1 else LayerFactory()
     if layout.cp > 1:  # each stage context parallel: the engine hands every rank its slice
         factory.sequence = ContextParallel()
@@ -53,8 +53,8 @@ def _model(cfg, layout):
 def _pipeline_step(cfg, layout, interval: int, ckpt_dir: str | None = None, batch=None) -> dict:
     """One pipeline-engine step on this rank's share of `batch` (default `_batch()`): loss, the initial
     weights' eval loss, norm and this stage's updated weights (TP shards gathered) under DecoderLM names."""
-    from launch.pipeline import PipelineEngine, stage_parameters
-    from launch.tensor_parallel import gather_full
+    from memtrain.launch.pipeline import PipelineEngine, stage_parameters
+    from memtrain.launch.tensor_parallel import gather_full
 
     model = _model(cfg, layout)
     engine = PipelineEngine(model, cfg, layout, run_dir=None, bf16=False, activation_checkpoint_interval=interval)
@@ -84,7 +84,7 @@ def _pipeline_step(cfg, layout, interval: int, ckpt_dir: str | None = None, batc
 def _ranks(rank: int, world: int, cases: list[tuple], ckpt_dir: str | None = None) -> dict:
     from megatron.core import parallel_state
 
-    from launch.groups import init_parallel
+    from memtrain.launch.groups import init_parallel
     results = {}
     for i, case in enumerate(cases):
         pp, tp, zero, accum, interval, tied, *cp = case
@@ -97,8 +97,8 @@ def _ranks(rank: int, world: int, cases: list[tuple], ckpt_dir: str | None = Non
 
 
 def _reference(tied: bool) -> dict:
-    from launch.groups import resolve_layout
-    from train.engine import build_engine
+    from memtrain.launch.groups import resolve_layout
+    from memtrain.train.engine import build_engine
     cfg = _config(engine="torch", tied=tied)
     layout = resolve_layout(cfg.parallel, 1)
     torch.manual_seed(0)
@@ -200,8 +200,8 @@ def test_mac_pp2_by_tp2_or_cp2_reproduces_single_process(four_ranks, index):
     (dict(pp=2, dp=4), 4, None, "parallel.dp"),                 # sizes do not multiply to the world
 ])
 def test_bad_pipeline_layouts_are_one_line_errors(overrides, world, n_layers, key):
-    from launch.config import ParallelConfig
-    from launch.groups import LayoutError, resolve_layout
+    from memtrain.launch.config import ParallelConfig
+    from memtrain.launch.groups import LayoutError, resolve_layout
     with pytest.raises(LayoutError) as info:
         resolve_layout(ParallelConfig(**overrides), world, n_layers=n_layers)
     assert key in str(info.value) and "\n" not in str(info.value)
@@ -211,8 +211,8 @@ def test_rank_order_matches_megatron_and_deepspeed():
     """tp fastest, then dp, then pp: the layout's coordinates equal DeepSpeed's topology's for every rank."""
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
-    from launch.config import ParallelConfig
-    from launch.groups import resolve_layout
+    from memtrain.launch.config import ParallelConfig
+    from memtrain.launch.groups import resolve_layout
     topo = PipeModelDataParallelTopology(num_pp=2, num_mp=2, num_dp=3)
     for rank in range(12):
         layout = resolve_layout(ParallelConfig(tp=2, pp=2), 12, rank, n_layers=4)

@@ -1,4 +1,4 @@
-"""The RMT pipeline engine (launch/rmt_pipeline.py, its own schedule) reproduces one single-process step.
+"""The RMT pipeline engine (memtrain/launch/rmt_pipeline.py, its own schedule) reproduces one single-process step.
 
 The comparison of tests/dist/test_pipeline.py for `model.memory = "rmt"`: 3 blocks (windowed, windowed, global:
 the windowed layers take the split write attention), 2 meta tokens, 3 memory tokens, segments of 4 tokens,
@@ -56,7 +56,7 @@ BARS = {False: dict(loss=1e-5, norm=1e-5, weight=1e-5), True: dict(loss=1e-13, n
 
 
 def _config(case: Case, pp: int):
-    from train.config import load_config
+    from memtrain.train.config import load_config
     return load_config(None, [
         "model.vocab_size=96", "model.d_model=32", "model.n_layers=3", "model.n_heads=4", "model.n_kv_heads=2",
         "model.num_meta_tokens=2", "model.window=3", "model.global_layers=[-1]", "model.max_seq_len=32",
@@ -77,16 +77,16 @@ def _batch(case: Case):
 
 
 def _model(cfg, tp: int, dtype: torch.dtype, seed: int = 0):
-    from launch.tensor_parallel import MegatronFactory
-    from model import LayerFactory, build_model
+    from memtrain.launch.tensor_parallel import MegatronFactory
+    from memtrain.model import LayerFactory, build_model
     torch.manual_seed(seed)
     return build_model(cfg.model, MegatronFactory() if tp > 1 else LayerFactory()).to(dtype)
 
 
 def _pipeline_step(cfg, layout, case: Case, ckpt: bool) -> dict:
     """Eval loss, then one step on this rank's rows; this stage's updated weights (TP shards gathered)."""
-    from launch.rmt_pipeline import RMTPipelineEngine
-    from launch.tensor_parallel import gather_full
+    from memtrain.launch.rmt_pipeline import RMTPipelineEngine
+    from memtrain.launch.tensor_parallel import gather_full
 
     dtype = torch.float64 if case.fp64 else torch.float32
     model = _model(cfg, layout.tp, dtype)
@@ -116,7 +116,7 @@ def _pipeline_step(cfg, layout, case: Case, ckpt: bool) -> dict:
 def _ranks(rank: int, world: int, names: list[str]) -> dict:
     from megatron.core import parallel_state
 
-    from launch.groups import init_parallel
+    from memtrain.launch.groups import init_parallel
     results = {}
     for i, name in enumerate(names):
         cfg = _config(CASES[name], pp=2)
@@ -128,8 +128,8 @@ def _ranks(rank: int, world: int, names: list[str]) -> dict:
 
 def _reference(case: Case) -> dict:
     """One torch-engine step in this process on the whole batch; the norm in fp64 from the gradients."""
-    from launch.groups import resolve_layout
-    from train.engine import build_engine
+    from memtrain.launch.groups import resolve_layout
+    from memtrain.train.engine import build_engine
     cfg = _config(case, pp=1)
     model = _model(cfg, 1, torch.float64 if case.fp64 else torch.float32)
     engine = build_engine(model, cfg, resolve_layout(cfg.parallel, 1), run_dir=None, device=torch.device("cpu"))
@@ -208,7 +208,7 @@ def test_optimizer_state_restores(request, world):
 
 def test_stage_split_is_deepspeeds():
     """n // pp blocks a stage, the first n % pp stages one more (what DeepSpeed's 'type:' partition gives)."""
-    from launch.rmt_pipeline import stage_blocks
+    from memtrain.launch.rmt_pipeline import stage_blocks
     assert [list(stage_blocks(7, 3, p)) for p in range(3)] == [[0, 1, 2], [3, 4], [5, 6]]
     for n in range(1, 13):
         for pp in range(1, n + 1):
@@ -240,9 +240,9 @@ def test_segment_pieces_compose_run_segment():
     (dict(pp=1), "parallel.pp"),
 ])
 def test_unsupported_settings_are_one_line_errors(change, key):
-    from launch.config import LayoutError
-    from launch.groups import Layout
-    from launch.rmt_pipeline import RMTPipelineEngine
+    from memtrain.launch.config import LayoutError
+    from memtrain.launch.groups import Layout
+    from memtrain.launch.rmt_pipeline import RMTPipelineEngine
     cfg = _config(Case(), pp=1)
     if "zero_stage" in change:
         cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, zero_stage=1))

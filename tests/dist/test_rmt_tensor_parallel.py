@@ -21,8 +21,8 @@ DTYPES = (torch.float64, torch.float32)
 
 
 def _config(case: str):
-    from model import ModelConfig
-    from model.rmt_config import RMTConfig
+    from memtrain.model import ModelConfig
+    from memtrain.model.rmt_config import RMTConfig
     kw = dict(CASES[case])
     rmt = RMTConfig(**{**dict(segment_len=5, num_memory=2), **kw.pop("rmt")})
     base = dict(vocab_size=100, vocab_pad_multiple=64, d_model=32, n_layers=2, n_heads=4, ffn_hidden=48,
@@ -38,8 +38,8 @@ def _tp_rank(rank: int, world: int) -> dict:
 
 
 def _compare(rank: int, world: int, case: str, dtype: torch.dtype) -> dict:
-    from launch.tensor_parallel import MegatronFactory, gather_full, shard_full
-    from model import build_model
+    from memtrain.launch.tensor_parallel import MegatronFactory, gather_full, shard_full
+    from memtrain.model import build_model
 
     cfg = _config(case)
     torch.manual_seed(0)

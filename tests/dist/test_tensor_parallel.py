@@ -17,7 +17,7 @@ CASES = {
 
 
 def _config(**overrides):
-    from model import ModelConfig
+    from memtrain.model import ModelConfig
     base = dict(vocab_size=100, vocab_pad_multiple=64, d_model=32, n_layers=2, n_heads=4, ffn_hidden=48,
                 max_seq_len=64, attention_backend="reference")
     return ModelConfig(**{**base, **overrides})
@@ -32,8 +32,8 @@ def _tp_rank(rank: int, world: int) -> dict:
 
 
 def _compare(rank: int, world: int, case: str, dtype: torch.dtype) -> dict:
-    from launch.tensor_parallel import MegatronFactory, gather_full, shard_full
-    from model import build_model
+    from memtrain.launch.tensor_parallel import MegatronFactory, gather_full, shard_full
+    from memtrain.model import build_model
 
     cfg = _config(**CASES[case])
     torch.manual_seed(0)

@@ -23,8 +23,8 @@ SPLIT = 8  # first call 8 tokens, second 9: not aligned to the segment (5) or ch
 
 
 def _config(case: str):
-    from model import ModelConfig
-    from model.titans_config import TitansConfig
+    from memtrain.model import ModelConfig
+    from memtrain.model.titans_config import TitansConfig
     kw = dict(CASES[case])
     titans = TitansConfig(segment_len=5, chunk_size=3, memory_depth=kw.pop("depth"), memory_heads=4,
                           conv_size=kw.pop("conv_size", 3))
@@ -42,8 +42,8 @@ def _tp_rank(rank: int, world: int) -> dict:
 
 
 def _compare(rank: int, world: int, case: str, dtype: torch.dtype) -> dict:
-    from launch.tensor_parallel import MegatronFactory, gather_full, shard_full
-    from model import build_model
+    from memtrain.launch.tensor_parallel import MegatronFactory, gather_full, shard_full
+    from memtrain.model import build_model
 
     cfg = _config(case)
     torch.manual_seed(0)

@@ -14,15 +14,15 @@ def run(*args: str) -> subprocess.CompletedProcess:
 
 def test_stdlib_prepare_verify_and_stream(tmp_path):
     out = str(tmp_path / "stdlib")
-    p = run("data.prepare", "--source", "stdlib", "--out", out, "--max-files", "40", "--vocab-size", "1024",
+    p = run("memtrain.data.prepare", "--source", "stdlib", "--out", out, "--max-files", "40", "--vocab-size", "1024",
             "--shard-tokens", "20000", "--val-every", "10", "--quiet")
     assert p.returncode == 0, p.stderr
     assert "prepared" in p.stdout and "vocab 1024 uint16" in p.stdout
-    v = run("data.verify", out)
+    v = run("memtrain.data.verify", out)
     assert v.returncode == 0 and "0 bad" in v.stdout, v.stderr
 
-    from data.config import DataConfig
-    from data.stream import build_stream
+    from memtrain.data.config import DataConfig
+    from memtrain.data.stream import build_stream
     s = build_stream(DataConfig(path=out, seq_len=64, batch_size=2))
     b = next(s)
     assert b.inputs.shape == (2, 64) and s.vocab_size == 1024
@@ -38,19 +38,19 @@ def assert_one_line_error(p: subprocess.CompletedProcess, *needles: str) -> None
 
 
 def test_prepare_glob_matching_nothing_exits_2(tmp_path):
-    assert_one_line_error(run("data.prepare", "--input", str(tmp_path / "none*.txt"), "--out", str(tmp_path / "o")),
+    assert_one_line_error(run("memtrain.data.prepare", "--input", str(tmp_path / "none*.txt"), "--out", str(tmp_path / "o")),
                           "none*.txt", "matches no files")
 
 
 def test_verify_missing_dataset_exits_2_naming_prepare(tmp_path):
-    assert_one_line_error(run("data.verify", str(tmp_path / "absent")),
-                          "python -m data.prepare --source stdlib --out")
+    assert_one_line_error(run("memtrain.data.verify", str(tmp_path / "absent")),
+                          "python -m memtrain.data.prepare --source stdlib --out")
 
 
 def test_verify_bad_shard_exits_1_naming_it(tmp_path):
-    from data.testing import tiny_dataset
+    from memtrain.data.testing import tiny_dataset
     ds = tiny_dataset(str(tmp_path))
     with open(os.path.join(ds, "train-000002.tar"), "r+b") as f:
         f.truncate(100)
-    p = run("data.verify", ds)
+    p = run("memtrain.data.verify", ds)
     assert p.returncode == 1 and "BAD train-000002.tar" in p.stderr and "1 bad" in p.stdout

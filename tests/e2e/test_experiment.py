@@ -1,4 +1,4 @@
-"""`python -m train.experiment long_context` end to end on a tiny config, resume included; every preset loads."""
+"""`python -m memtrain.train.experiment long_context` end to end on a tiny config, resume included; every preset loads."""
 from __future__ import annotations
 
 import csv
@@ -20,7 +20,7 @@ TINY = ['variants=["window", "rmt", "lmm"]', 'tasks=["niah_single", "qa1"]', "tr
 
 
 def run(run_dir: Path, *extra: str, out: Path | None = None) -> subprocess.CompletedProcess:
-    args = [sys.executable, "-m", "train.experiment", "long_context", "--config",
+    args = [sys.executable, "-m", "memtrain.train.experiment", "long_context", "--config",
             str(ROOT / "configs" / "experiments" / "long_context.toml"), "--run-dir", str(run_dir)]
     args += ["--out", str(out)] if out else []
     for s in TINY + list(extra):
@@ -69,10 +69,10 @@ def test_long_context_runs_and_resumes(tmp_path):
 def test_every_experiment_preset_loads(preset):
     tree = tomllib.loads(preset.read_text())
     if "experiment" in tree:  # the registers experiment of train.inspect
-        from train.inspect.experiment import load_preset, write_base_config
+        from memtrain.train.inspect.experiment import load_preset, write_base_config
         _, train_tree = load_preset(preset)
         write_base_config(train_tree, Path("/dev/null"))
     else:
-        from train.experiment.config import load_experiment_config
+        from memtrain.train.experiment.config import load_experiment_config
         cfg = load_experiment_config(preset)
         assert cfg.variants and cfg.eval_lengths

@@ -1,6 +1,6 @@
 """Export trained checkpoints to Hugging Face and back: logits, greedy generation, tokenizer, files, round trip.
 
-Six tiny models are trained for a few steps (`python -m train`, as users run it): the baseline (no meta tokens,
+Six tiny models are trained for a few steps (`python -m memtrain.train`, as users run it): the baseline (no meta tokens,
 global attention, MHA, untied head), a Hymba-style model (meta tokens, windowed + global layers, GQA, tied), an
 RMT and the Titans MAC, MAG and MAL models (the last four with the meta tokens and windows of the
 tiny config). All have vocabulary padding (512 -> 576). TP = 2 and PP = 2 checkpoints are in the slow tests at
@@ -43,8 +43,8 @@ PROMPT = "def main(argv):\n    "
 
 def native_model(run: Path):
     """The training code's model with the merged weights of the run's newest checkpoint."""
-    from model import build_model
-    from train.hf import convert, merge
+    from memtrain.model import build_model
+    from memtrain.train.hf import convert, merge
     ckpt = merge.resolve_checkpoint(run)
     meta = merge.read_meta(ckpt)
     cfg = convert.build_config(meta["config"], str(ckpt))
@@ -92,7 +92,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def exported(tiny_dataset, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     """{name: (run dir, fp32 export dir)} for the single-process models."""
-    from train.export_hf import export
+    from memtrain.train.export_hf import export
     from concurrent.futures import ThreadPoolExecutor
     root = tmp_path_factory.mktemp("export")
     # three training processes at a time: each spends most of its few seconds starting up (imports, one thread)
@@ -127,7 +127,7 @@ def test_left_padded_batch_generates_as_each_row_alone(exported, name):
 
 
 def test_tokenizer_matches_the_training_tokenizer(exported, tiny_dataset):
-    from data.tokenizer import Tokenizer
+    from memtrain.data.tokenizer import Tokenizer
     _, tok = load_hf(exported["baseline"][1])
     native = Tokenizer(str(tiny_dataset / "tokenizer.model"))
     text = "def f(x):\n\tif x  >  12:  # héllo ✓ <s> </s>\n        return None\n\n"
@@ -149,7 +149,7 @@ def test_export_directory_contents(exported):
     assert json.loads((hf_dir / "generation_config.json").read_text())["eos_token_id"] == 2
     card = (hf_dir / "README.md").read_text()
     assert "meta tokens | 4" in card and "memory | none" in card and "window 16, global" in card
-    from train.hf import TEMPLATE_FILES
+    from memtrain.train.hf import TEMPLATE_FILES
     for name in ("meta", "mag"):
         hf_dir = exported[name][1]
         for f in TEMPLATE_FILES:
@@ -163,7 +163,7 @@ def test_export_directory_contents(exported):
 def test_bf16_export_with_several_shards(exported, tmp_path):
     run, fp32_dir = exported["baseline"]
     out = tmp_path / "bf16"
-    proc = subprocess.run([sys.executable, "-m", "train.export_hf", "--checkpoint", str(run), "--out", str(out),
+    proc = subprocess.run([sys.executable, "-m", "memtrain.train.export_hf", "--checkpoint", str(run), "--out", str(out),
                            "--dtype", "bf16", "--max-shard-size", "100KB"], cwd=ROOT, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr
@@ -181,8 +181,8 @@ def test_bf16_export_with_several_shards(exported, tmp_path):
 @pytest.mark.parametrize("name", MODELS)
 def test_import_then_export_gives_identical_weights(exported, tmp_path, name):
     from safetensors.torch import load_file
-    from train.export_hf import export
-    from train.import_hf import import_hf
+    from memtrain.train.export_hf import export
+    from memtrain.train.import_hf import import_hf
     run, hf_dir = exported[name]
     ckpt = import_hf(hf_dir, tmp_path / "ckpt")
     again = export(ckpt, tmp_path / "again")
@@ -199,7 +199,7 @@ def test_import_then_export_gives_identical_weights(exported, tmp_path, name):
 
 
 def test_trainer_resumes_from_an_imported_checkpoint(exported, tiny_dataset, tmp_path):
-    from train.import_hf import import_hf
+    from memtrain.train.import_hf import import_hf
     ckpt = import_hf(exported["meta"][1], tmp_path / "ckpt")
     train(tiny_dataset, tmp_path / "cont", *COMMON, *MODELS["meta"], "--resume", str(ckpt), steps=2)
 
@@ -214,7 +214,7 @@ def _launcher() -> list[str]:
 def test_tensor_parallel_checkpoint_exports_exactly(tiny_dataset, tmp_path, name):
     """TP = 2 training -> export; HF logits equal the TP = 2 native forward, greedy equals native greedy."""
     from tests.dist.spawn import run_ranks
-    from train.export_hf import export
+    from memtrain.train.export_hf import export
     run = tmp_path / "run"
     train(tiny_dataset, run, *COMMON, *MODELS[name], "--set", "parallel.tp=2", steps=2, launcher=_launcher())
     hf, tok = load_hf(export(run, tmp_path / "hf"))
@@ -234,9 +234,9 @@ def test_tensor_parallel_checkpoint_exports_exactly(tiny_dataset, tmp_path, name
 def test_pipeline_parallel_checkpoint_exports_exactly(tiny_dataset, tmp_path, name):
     """PP = 2 training -> export. The merge (union of the stages' rank files at dp_rank 0) equals DeepSpeed's own
     per-layer files; HF logits and greedy generation equal the native model with those weights."""
-    from launch.pipeline import layer_prefixes
-    from train.export_hf import export
-    from train.hf import merge
+    from memtrain.launch.pipeline import layer_prefixes
+    from memtrain.train.export_hf import export
+    from memtrain.train.hf import merge
     run = tmp_path / "run"
     train(tiny_dataset, run, *COMMON, *MODELS[name], "--set", "parallel.pp=2", steps=2, launcher=_launcher())
     ckpt = merge.resolve_checkpoint(run)
@@ -262,10 +262,10 @@ def test_pipeline_parallel_checkpoint_exports_exactly(tiny_dataset, tmp_path, na
 
 @pytest.mark.slow
 def test_rmt_pipeline_checkpoint_exports_exactly(tiny_dataset, tmp_path):
-    """RMT trained at PP = 2 (launch/rmt_pipeline.py) -> export: the stages' rank files together hold every weight
+    """RMT trained at PP = 2 (memtrain/launch/rmt_pipeline.py) -> export: the stages' rank files together hold every weight
     (the tied embedding bit-identical on first and last stage), HF logits and greedy generation equal native."""
-    from train.export_hf import export
-    from train.hf import merge
+    from memtrain.train.export_hf import export
+    from memtrain.train.hf import merge
     run = tmp_path / "run"
     train(tiny_dataset, run, *COMMON, *MODELS["rmt"], "--set", "parallel.pp=2", steps=2, launcher=_launcher())
     ckpt = merge.resolve_checkpoint(run)
@@ -284,10 +284,10 @@ def _tp_forward(rank: int, world: int, run: str, ids: torch.Tensor) -> torch.Ten
     """On each of 2 gloo ranks: the native TP model from this rank's own shard; full-vocabulary logits."""
     from megatron.core import parallel_state
 
-    from launch.tensor_parallel import MegatronFactory
-    from model import build_model
-    from train.checkpoint import load_checkpoint
-    from train.hf import convert, merge
+    from memtrain.launch.tensor_parallel import MegatronFactory
+    from memtrain.model import build_model
+    from memtrain.train.checkpoint import load_checkpoint
+    from memtrain.train.hf import convert, merge
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=world, create_gloo_process_groups=False)
     state, meta = load_checkpoint(merge.resolve_checkpoint(Path(run)), rank)
     cfg = convert.build_config(meta["config"], run)

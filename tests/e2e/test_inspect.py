@@ -1,4 +1,4 @@
-"""`python -m train.inspect registers | attention` on a checkpoint trained for a few steps on the tiny dataset."""
+"""`python -m memtrain.train.inspect registers | attention` on a checkpoint trained for a few steps on the tiny dataset."""
 from __future__ import annotations
 
 import json
@@ -21,7 +21,7 @@ TINY = ["--set", "model.d_model=32", "--set", "model.n_layers=2", "--set", "mode
 @pytest.fixture(scope="module")
 def trained(tiny_dataset, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("inspect") / "run"
-    proc = subprocess.run([sys.executable, "-m", "train", "--config", "configs/demo.toml", *TINY,
+    proc = subprocess.run([sys.executable, "-m", "memtrain.train", "--config", "configs/demo.toml", *TINY,
                            "--set", f"data.path=\"{tiny_dataset}\"", "--run-dir", str(run)],
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -31,12 +31,12 @@ def trained(tiny_dataset, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("text") / "sample.py"
-    path.write_text((ROOT / "train" / "checkpoint.py").read_text())
+    path.write_text((ROOT / "memtrain" / "train" / "checkpoint.py").read_text())
     return path
 
 
 def inspect(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "train.inspect", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "memtrain.train.inspect", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=900)
 
 
@@ -52,7 +52,7 @@ def test_registers_and_attention_on_a_trained_checkpoint(trained, text_file, tmp
 
     # the same numbers, computed directly from the loaded model's hidden states and the reference attention
     from tests.unit.test_inspect import direct_block_probs
-    from train.inspect.load import load_checkpoint_model, text_windows
+    from memtrain.train.inspect.load import load_checkpoint_model, text_windows
     loaded = load_checkpoint_model(trained)
     ids = text_windows(loaded.tokenizer, text_file, 32, 2)
     model = loaded.model
@@ -81,7 +81,7 @@ def test_registers_and_attention_on_a_trained_checkpoint(trained, text_file, tmp
 
 
 def test_bad_inputs_give_one_line_and_exit_2(trained, text_file, tmp_path, capsys):
-    from train.inspect.__main__ import main
+    from memtrain.train.inspect.__main__ import main
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     cases = [

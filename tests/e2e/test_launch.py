@@ -1,4 +1,4 @@
-"""The launchers: DeepSpeed's runner through launch/run.sh, two nodes on one machine, and a rank that dies."""
+"""The launchers: DeepSpeed's runner through memtrain/launch/run.sh, two nodes on one machine, and a rank that dies."""
 from __future__ import annotations
 
 import subprocess
@@ -12,7 +12,7 @@ from tests.dist.spawn import free_port
 from tests.e2e.test_train import TINY, read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
-RUN = [str(ROOT / "launch" / "run.sh")]
+RUN = [str(ROOT / "memtrain" / "launch" / "run.sh")]
 
 
 def train_args(dataset: Path, run_dir: Path, steps: int, *extra: str) -> list[str]:
@@ -76,7 +76,7 @@ def test_a_dead_rank_stops_the_job_and_the_checkpoints_stay_usable(tiny_dataset,
     assert stopped_after < 60, stopped_after
     assert "lost contact with another rank" in out, out[-3000:]
 
-    from train.checkpoint import list_checkpoints, load_checkpoint
+    from memtrain.train.checkpoint import list_checkpoints, load_checkpoint
     complete = list_checkpoints(run / "checkpoints")
     assert complete and all((c / "rank00000.pt").is_file() and (c / "rank00001.pt").is_file() for c in complete)
     last_step = int(complete[-1].name.split("_")[1])

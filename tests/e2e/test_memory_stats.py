@@ -1,4 +1,4 @@
-"""`python -m train` on a tiny Titans MAC model logs the memory gates' statistics (train/memory_stats.py)."""
+"""`python -m memtrain.train` on a tiny Titans MAC model logs the memory gates' statistics (memtrain/train/memory_stats.py)."""
 from __future__ import annotations
 
 from tests.e2e.test_train import read_metrics, train

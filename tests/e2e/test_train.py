@@ -1,4 +1,4 @@
-"""`python -m train` end to end on a tiny config: the loss falls, logs and checkpoints appear."""
+"""`python -m memtrain.train` end to end on a tiny config: the loss falls, logs and checkpoints appear."""
 from __future__ import annotations
 
 import json
@@ -18,7 +18,7 @@ TINY = ["--set", "model.d_model=64", "--set", "model.n_layers=2", "--set", "mode
 
 
 def train(dataset: Path, run_dir: Path, *extra: str, steps: int = 60, launcher: list[str] | None = None):
-    args = [*(launcher or [sys.executable]), "-m", "train", "--config", "configs/demo.toml", *TINY,
+    args = [*(launcher or [sys.executable]), "-m", "memtrain.train", "--config", "configs/demo.toml", *TINY,
             "--set", f"data.path=\"{dataset}\"", "--set", f"schedule.steps={steps}", "--run-dir", str(run_dir),
             *extra]
     proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -128,8 +128,8 @@ def test_rmt_pipeline_exact_resume(tiny_dataset, tmp_path):
 
 def test_memory_replay_with_accumulation_equals_plain_bptt(tiny_dataset, tmp_path):
     """Trainer.train_step with RMT memory replay and grad_accum = 2 updates the weights as plain BPTT does."""
-    from train.config import load_config
-    from train.trainer import Trainer
+    from memtrain.train.config import load_config
+    from memtrain.train.trainer import Trainer
 
     def one_step(replay: bool):
         cfg = load_config(None, [

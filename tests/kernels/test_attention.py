@@ -11,11 +11,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kernels.attention import attention, available_backends, build_mask, select_backend
-from kernels.attention import flash as flash_mod
-from kernels.attention import flex as flex_mod
-from kernels.attention.reference import attention_reference, masked_attention
-from kernels.attention.sdpa import attention_sdpa
+from memtrain.kernels.attention import attention, available_backends, build_mask, select_backend
+from memtrain.kernels.attention import flash as flash_mod
+from memtrain.kernels.attention import flex as flex_mod
+from memtrain.kernels.attention.reference import attention_reference, masked_attention
+from memtrain.kernels.attention.sdpa import attention_sdpa
 
 NS, PS, WS = (1, 7, 130, 1000), (0, 1, 5), (None, 1, 64)
 HEADS = ((4, 2), (2, 2))  # (Hq, Hkv): GQA and plain multi-head
@@ -131,7 +131,7 @@ def _largest_intermediate(n, p, w):
 def test_sdpa_never_builds_n_by_n(w, monkeypatch):
     # The dense builder is never called, and no intermediate (forward or backward) grows like N^2: doubling N
     # at most doubles the largest tensor, which stays far below N^2.
-    import kernels.attention.reference as ref
+    import memtrain.kernels.attention.reference as ref
 
     def _boom(*a, **k):
         raise AssertionError("sdpa backend called the dense N x N mask builder")

@@ -2,7 +2,7 @@
 
 The spec computes every per-token gradient with torch.autograd (create_graph), the fast paths by hand-written
 backprop inside the dual form. Gradients: autograd through the spec (second order) and through the chunked
-dual form; the fused loop (kernels/titans/deep_fused.py) has a hand-written backward. Every property test runs
+dual form; the fused loop (memtrain/kernels/titans/deep_fused.py) has a hand-written backward. Every property test runs
 on both fast paths (`impl`).
 Property 5 (delta rule) is specific to the linear memory and lives in test_titans_linear.py.
 """
@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.titans import deep_memory, init_deep_memory
-from kernels.titans.reference import deep_memory_naive_chunks, deep_memory_recurrent, mlp_forward
-from kernels.titans.testing import flatten, make_deep_state, make_inputs, max_rel_err, random_projection_loss
+from memtrain.kernels.titans import deep_memory, init_deep_memory
+from memtrain.kernels.titans.reference import deep_memory_naive_chunks, deep_memory_recurrent, mlp_forward
+from memtrain.kernels.titans.testing import flatten, make_deep_state, make_inputs, max_rel_err, random_projection_loss
 
 TOL = 1e-10
 CHUNKS = [1, 3, 16, 64]

@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.titans import linear_memory
-from kernels.titans.reference import linear_memory_naive_chunks, linear_memory_recurrent
-from kernels.titans.testing import flatten, make_inputs, make_linear_state, max_rel_err, random_projection_loss
+from memtrain.kernels.titans import linear_memory
+from memtrain.kernels.titans.reference import linear_memory_naive_chunks, linear_memory_recurrent
+from memtrain.kernels.titans.testing import flatten, make_inputs, make_linear_state, max_rel_err, random_projection_loss
 
 TOL = 1e-10
 CHUNKS = [1, 3, 16, 64]
@@ -205,7 +205,7 @@ def test_gradients_equal_autograd_of_spec(b, T, offset):
 def test_bf16_inputs_are_computed_in_fp32():
     """bf16 in, fp32 inside: the output is as close to fp64 as bf16 rounding of the inputs allows."""
     import torch
-    from kernels.titans import deep_memory, init_deep_memory, linear_memory
+    from memtrain.kernels.titans import deep_memory, init_deep_memory, linear_memory
     torch.manual_seed(0)
     B, H, T, D = 1, 2, 512, 32
     q, k, v = (torch.nn.functional.normalize(torch.randn(B, H, T, D), dim=-1) for _ in range(3))

@@ -23,9 +23,9 @@ TOL = 1e-10
 # ---------------------------------------------------------------------------------------------- subprocess checks
 def _checks(group: str, device: str = "cpu") -> dict:
     """Run one group of comparisons; returns {case: max relative error} (or booleans for property checks)."""
-    from kernels.titans import linear_memory
-    from kernels.titans.reference import linear_memory_naive_chunks, linear_memory_recurrent
-    from kernels.titans.testing import flatten, make_inputs, make_linear_state, max_rel_err, random_projection_loss
+    from memtrain.kernels.titans import linear_memory
+    from memtrain.kernels.titans.reference import linear_memory_naive_chunks, linear_memory_recurrent
+    from memtrain.kernels.titans.testing import flatten, make_inputs, make_linear_state, max_rel_err, random_projection_loss
 
     dev = dict(device=device)
     B, H, DK, DV = 2, 2, 8, 6
@@ -136,7 +136,7 @@ if __name__ == "__main__":
     os.environ.setdefault("TRITON_INTERPRET", "1")
     sys.path.insert(0, ROOT)
     torch.manual_seed(0)
-    from kernels.titans import triton_linear
+    from memtrain.kernels.titans import triton_linear
     result = _checks(sys.argv[1])
     result["__interpreted__"] = type(triton_linear._fwd_kernel).__name__ == "InterpretedFunction"
     print(json.dumps(result))

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from train.config import Config, load_config
-from train.configtree import ConfigError, field_docs, to_toml
+from memtrain.train.config import Config, load_config
+from memtrain.train.configtree import ConfigError, field_docs, to_toml
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG_FILES = sorted((ROOT / "configs").rglob("*.toml"))
@@ -25,10 +25,10 @@ def test_every_config_file_loads(path):
         # an experiment preset: its [train] table is a whole trainer config, checked like any other
         import tomllib
 
-        from train.configtree import build
+        from memtrain.train.configtree import build
         tree = tomllib.loads(path.read_text())
         if "experiment" not in tree:  # a long-context preset: its own config tree
-            from train.experiment.config import load_experiment_config
+            from memtrain.train.experiment.config import load_experiment_config
             load_experiment_config(path)
             return
         assert "train" in tree, "registers presets hold [experiment] and [train] tables"
@@ -101,7 +101,7 @@ def test_window_larger_than_sequence_is_checked_against_data_seq_len():
 
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "train", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "memtrain.train", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
 
 

@@ -7,13 +7,13 @@ import shutil
 
 import pytest
 
-from data.config import DataConfig
-from data.errors import DataError, DataWarning
-from data.manifest import load_manifest
-from data.shards import read_shard
-from data.stream import build_stream
-from data.testing import tiny_dataset
-from data.verify import main as verify_main
+from memtrain.data.config import DataConfig
+from memtrain.data.errors import DataError, DataWarning
+from memtrain.data.manifest import load_manifest
+from memtrain.data.shards import read_shard
+from memtrain.data.stream import build_stream
+from memtrain.data.testing import tiny_dataset
+from memtrain.data.verify import main as verify_main
 
 
 @pytest.fixture()

@@ -8,13 +8,13 @@ import os
 import pytest
 import webdataset as wds
 
-from data import prepare
-from data.errors import DataError
-from data.manifest import load_manifest
-from data.shards import dtype_for_vocab, read_shard
-from data.sources import read_documents, expand_inputs
-from data.testing import prepare_tiny, write_corpus
-from data.tokenizer import Tokenizer
+from memtrain.data import prepare
+from memtrain.data.errors import DataError
+from memtrain.data.manifest import load_manifest
+from memtrain.data.shards import dtype_for_vocab, read_shard
+from memtrain.data.sources import read_documents, expand_inputs
+from memtrain.data.testing import prepare_tiny, write_corpus
+from memtrain.data.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")

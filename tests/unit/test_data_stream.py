@@ -7,13 +7,13 @@ from collections import Counter
 import pytest
 import torch
 
-from data.config import DataConfig
-from data.errors import DataError
-from data.manifest import load_manifest
-from data.order import epoch_plan
-from data.shards import read_shard
-from data.stream import build_stream
-from data.testing import tiny_dataset
+from memtrain.data.config import DataConfig
+from memtrain.data.errors import DataError
+from memtrain.data.manifest import load_manifest
+from memtrain.data.order import epoch_plan
+from memtrain.data.shards import read_shard
+from memtrain.data.stream import build_stream
+from memtrain.data.testing import tiny_dataset
 
 EOS = 2
 
@@ -136,7 +136,7 @@ def test_state_from_other_settings_is_refused(ds):
 
 
 def test_missing_dataset_names_the_prepare_command(tmp_path):
-    with pytest.raises(DataError, match=r"python -m data\.prepare --source stdlib --out .*nope"):
+    with pytest.raises(DataError, match=r"python -m memtrain.data\.prepare --source stdlib --out .*nope"):
         build_stream(cfg(str(tmp_path / "nope")))
 
 

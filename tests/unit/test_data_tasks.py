@@ -6,13 +6,13 @@ import re
 
 import pytest
 
-from data.config import DataConfig
-from data.errors import DataError
-from data.stream import build_stream
-from data.tasks import exact_match, read_examples
-from data.tasks.__main__ import generate, parse_args
-from data.testing import tiny_dataset
-from data.tokenizer import Tokenizer
+from memtrain.data.config import DataConfig
+from memtrain.data.errors import DataError
+from memtrain.data.stream import build_stream
+from memtrain.data.tasks import exact_match, read_examples
+from memtrain.data.tasks.__main__ import generate, parse_args
+from memtrain.data.testing import tiny_dataset
+from memtrain.data.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")

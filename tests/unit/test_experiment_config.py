@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data.errors import DataError
-from data.tasks.symbolic import (ID, ROOM_IDS, SYMBOLIC_TASKS, VALUE_IDS, VOCAB, chance, decode, encode,
+from memtrain.data.errors import DataError
+from memtrain.data.tasks.symbolic import (ID, ROOM_IDS, SYMBOLIC_TASKS, VALUE_IDS, VOCAB, chance, decode, encode,
                                  symbolic_batch, symbolic_example)
-from train.configtree import ConfigError, field_docs
-from train.experiment.config import LongContextConfig, TrainSettings, load_experiment_config, variant_model
-from train.experiment.report import markdown_table
-from train.experiment.training import lr_at, train_length
+from memtrain.train.configtree import ConfigError, field_docs
+from memtrain.train.experiment.config import LongContextConfig, TrainSettings, load_experiment_config, variant_model
+from memtrain.train.experiment.report import markdown_table
+from memtrain.train.experiment.training import lr_at, train_length
 
 ROOT = Path(__file__).resolve().parents[2]
 PRESET = ROOT / "configs" / "experiments" / "long_context.toml"
@@ -71,7 +71,7 @@ def test_missing_config_file():
 
 
 def test_cli_bad_input_exits_2_with_one_line():
-    proc = subprocess.run([sys.executable, "-m", "train.experiment", "long_context", "--config", str(PRESET),
+    proc = subprocess.run([sys.executable, "-m", "memtrain.train.experiment", "long_context", "--config", str(PRESET),
                            "--set", 'variants=["window", "lstm"]'], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2

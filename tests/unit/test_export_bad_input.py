@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from model import ModelConfig, build_model
-from train import export_hf, import_hf
-from train.checkpoint import save_checkpoint
-from train.config import Config
+from memtrain.model import ModelConfig, build_model
+from memtrain.train import export_hf, import_hf
+from memtrain.train.checkpoint import save_checkpoint
+from memtrain.train.config import Config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -123,7 +123,7 @@ def test_import_refuses_what_is_not_a_memtrain_export(tmp_path, capsys):
 
 
 def test_cli_errors_show_no_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "train.export_hf", "--checkpoint", str(tmp_path / "nope"),
+    proc = subprocess.run([sys.executable, "-m", "memtrain.train.export_hf", "--checkpoint", str(tmp_path / "nope"),
                            "--out", str(tmp_path / "hf")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr

@@ -8,13 +8,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model import ModelConfig, build_model
-from model.rmt_config import RMTConfig
-from model.titans_config import TitansConfig
-from train.config import Config
-from train.hf import convert
-from train.hf.configuration_memtrain import MemtrainConfig
-from train.hf.modeling_memtrain import MemtrainForCausalLM
+from memtrain.model import ModelConfig, build_model
+from memtrain.model.rmt_config import RMTConfig
+from memtrain.model.titans_config import TitansConfig
+from memtrain.train.config import Config
+from memtrain.train.hf import convert
+from memtrain.train.hf.configuration_memtrain import MemtrainConfig
+from memtrain.train.hf.modeling_memtrain import MemtrainForCausalLM
 
 TITANS = dict(segment_len=8, chunk_size=4, memory_heads=2, conv_size=3)
 DEEP = dict(memory_depth=2, theta_init=0.01)  # a deep memory with a large step size diverges at random init

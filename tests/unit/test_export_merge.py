@@ -1,4 +1,4 @@
-"""Merging checkpoint shards (train/hf/merge.py) on fabricated layouts: pipeline stages x tensor parallel x data
+"""Merging checkpoint shards (memtrain/train/hf/merge.py) on fabricated layouts: pipeline stages x tensor parallel x data
 parallel, the tied embedding on two stages, and the refusals. The real PP = 2 / TP = 2 runs are in
 tests/e2e/test_export.py (slow)."""
 from __future__ import annotations
@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import ModelConfig, build_model
-from train.config import Config
-from train.hf import ExportError, merge
+from memtrain.model import ModelConfig, build_model
+from memtrain.train.config import Config
+from memtrain.train.hf import ExportError, merge
 
 M = ModelConfig(vocab_size=100, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64, num_meta_tokens=2,
                 tie_embeddings=True)

@@ -2,18 +2,18 @@
 
 Covers what end-to-end tests with barely trained models cannot probe well: fp32 logits across layouts (meta
 tokens, windows, GQA, tied/untied, vocabulary padding), the KV cache with the meta-token prefix and sliding-window
-layers past the window, left padding, and the name/shape mapping in train/hf/convert.py.
+layers past the window, left padding, and the name/shape mapping in memtrain/train/hf/convert.py.
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-from model import ModelConfig, build_model
-from train.config import Config
-from train.hf import convert
-from train.hf.configuration_memtrain import MemtrainConfig
-from train.hf.modeling_memtrain import MemtrainForCausalLM
+from memtrain.model import ModelConfig, build_model
+from memtrain.train.config import Config
+from memtrain.train.hf import convert
+from memtrain.train.hf.configuration_memtrain import MemtrainConfig
+from memtrain.train.hf.modeling_memtrain import MemtrainForCausalLM
 
 CASES = {
     # meta tokens, windowed + global layers, GQA, tied, vocabulary padding (100 -> 128)

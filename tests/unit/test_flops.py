@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from model import ModelConfig, build_model
-from train.flops import flops_per_token, matmul_weights, peak_flops
+from memtrain.model import ModelConfig, build_model
+from memtrain.train.flops import flops_per_token, matmul_weights, peak_flops
 
 
 def test_matmul_weights_and_flops_by_hand():
@@ -35,7 +35,7 @@ def test_memory_models_count_their_extra_work():
                 attention_backend="reference")
     plain = build_model(ModelConfig(**base))
     T = 64
-    from model.rmt_config import RMTConfig
+    from memtrain.model.rmt_config import RMTConfig
     rmt = build_model(ModelConfig(**base, memory="rmt", rmt=RMTConfig(segment_len=16, num_memory=3)))
     per_pos = 6 * matmul_weights(rmt) + 2 * 6 * 4 * 16 * (2 + 2 * 3 + 16)
     assert flops_per_token(rmt, T) == per_pos * (2 + 2 * 3 + 16) / 16

@@ -7,14 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.attention.reference import build_mask, repeat_kv
-from model.config import ModelConfig
-from model.layers import apply_rotary, rotary_tables
-from model.rmt_config import RMTConfig
-from model.transformer import build_model
-from train.inspect import attention_maps, registers
-from train.inspect.capture import Pass, Trace, probe_probs, run_captured
-from train.inspect.load import InspectError
+from memtrain.kernels.attention.reference import build_mask, repeat_kv
+from memtrain.model.config import ModelConfig
+from memtrain.model.layers import apply_rotary, rotary_tables
+from memtrain.model.rmt_config import RMTConfig
+from memtrain.model.transformer import build_model
+from memtrain.train.inspect import attention_maps, registers
+from memtrain.train.inspect.capture import Pass, Trace, probe_probs, run_captured
+from memtrain.train.inspect.load import InspectError
 
 
 def plain(**kw) -> torch.nn.Module:
@@ -51,7 +51,7 @@ def test_capture_leaves_outputs_unchanged_and_rows_sum_to_one(make):
     ids = torch.randint(0, 300, (2, 20))
     with torch.no_grad():
         ref = model(ids).logits
-    from train.inspect.capture import capture
+    from memtrain.train.inspect.capture import capture
     with torch.no_grad(), capture(model) as trace:
         got = model(ids).logits
     assert torch.equal(ref, got)
@@ -78,8 +78,8 @@ def test_captured_probabilities_equal_a_direct_computation():
 
 def test_probe_through_the_kernel_matches_reference_mask():
     """The one-hot probe measures the real kernel (sdpa); it agrees with the reference-mask recomputation."""
-    from kernels.attention import attention
-    from train.inspect.capture import reference_probs
+    from memtrain.kernels.attention import attention
+    from memtrain.train.inspect.capture import reference_probs
     q, k = torch.randn(1, 4, 21, 8), torch.randn(1, 2, 21, 8)
     mask = build_mask(21, 3, 5)
     attend = lambda q, k, v: attention(q, k, v, num_prefix=3, window=5, backend="sdpa")  # noqa: E731
@@ -164,7 +164,7 @@ def test_titans_models_are_refused_by_capture_and_give_gates():
     ids = torch.randint(0, 300, (1, 12))
     with pytest.raises(InspectError, match="not available"):
         run_captured(model, ids)
-    from train.inspect.gates import titans_gates
+    from memtrain.train.inspect.gates import titans_gates
     gates = titans_gates(model, ids)
     assert set(gates) == {"theta", "eta", "alpha"}
     for g in gates.values():

@@ -1,12 +1,12 @@
-"""train/memory_stats.py: gate statistics per layer over the text tokens only, collected only while active."""
+"""memtrain/train/memory_stats.py: gate statistics per layer over the text tokens only, collected only while active."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from model import ModelConfig, build_model
-from model.titans_config import TitansConfig
-from train.memory_stats import GateStats
+from memtrain.model import ModelConfig, build_model
+from memtrain.model.titans_config import TitansConfig
+from memtrain.train.memory_stats import GateStats
 
 
 def _model(memory: str, meta: int = 2):

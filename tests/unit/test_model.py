@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from model import ModelConfig, build_model
+from memtrain.model import ModelConfig, build_model
 
 
 def tiny(**kw) -> ModelConfig:

@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from kernels.attention.reference import masked_attention
-from model import ModelConfig, ModelConfigError, build_model
-from model.rmt import RMTDecoderLM, RMTState
-from model.rmt_config import RMTConfig
+from memtrain.kernels.attention.reference import masked_attention
+from memtrain.model import ModelConfig, ModelConfigError, build_model
+from memtrain.model.rmt import RMTDecoderLM, RMTState
+from memtrain.model.rmt_config import RMTConfig
 
 V = 97
 MODES = {
@@ -274,8 +274,8 @@ def test_bad_settings_name_the_key(rmt, key):
 
 
 def test_bad_settings_through_the_config_tree():
-    from train.config import load_config
-    from train.configtree import ConfigError
+    from memtrain.train.config import load_config
+    from memtrain.train.configtree import ConfigError
     with pytest.raises(ConfigError, match="model.rmt.num_memory"):
         load_config(None, ["model.memory=rmt", "model.rmt.num_memory=0"])
     cfg = load_config(None, ["model.memory=rmt", "model.rmt.curriculum=[[0, 1], [100, 2]]"])

@@ -1,7 +1,7 @@
-"""Titans models (model/titans.py): state across pieces, token-by-token decoding, causality, shapes, bad input.
+"""Titans models (memtrain/model/titans.py): state across pieces, token-by-token decoding, causality, shapes, bad input.
 
 fp64 throughout where the statement is exact. Note that the plain model's RMSNorm and rotary work in fp32 even for
-fp64 inputs (model/layers.py), so "exact" here means: the same values through different call splits, to 1e-10
+fp64 inputs (memtrain/model/layers.py), so "exact" here means: the same values through different call splits, to 1e-10
 relative to the logits' scale; a real bug (a wrong mask, a lost state part, a misaligned chunk grid) is O(1e-2).
 """
 from __future__ import annotations
@@ -11,9 +11,9 @@ import dataclasses
 import pytest
 import torch
 
-from model import LayerFactory, ModelConfig, ModelConfigError, build_model
-from model.titans import TitansDecoderLM, TitansState
-from model.titans_config import TitansConfig
+from memtrain.model import LayerFactory, ModelConfig, ModelConfigError, build_model
+from memtrain.model.titans import TitansDecoderLM, TitansState
+from memtrain.model.titans_config import TitansConfig
 
 KINDS = ("lmm", "mal", "mag", "mac")
 T = 23
@@ -185,8 +185,8 @@ def _memory_reference(mem, x, state):
     """TitansMemory.forward written plainly: separate q / kv / gate projections, F.conv1d, the reference kernel."""
     import torch.nn.functional as F
 
-    from kernels.titans import deep_memory, linear_memory
-    from model.titans_memory import MemoryState
+    from memtrain.kernels.titans import deep_memory, linear_memory
+    from memtrain.model.titans_memory import MemoryState
 
     B, n, _ = x.shape
     Hl, Dh = mem.heads, mem.head_dim
@@ -212,10 +212,10 @@ def _memory_reference(mem, x, state):
 def _mac_reference(block, h, state, seen):
     """The MAC block as the plain loop of the module docstring (fresh call): per segment retrieve with the memory
     before the segment, attention over [p ‖ h ‖ segment], update the memory with the output, y ⊙ σ(m)."""
-    from kernels.attention import attention
-    from kernels.attention.reference import repeat_kv
-    from model.layers import rotary_tables
-    from model.titans import _out, _qkv
+    from memtrain.kernels.attention import attention
+    from memtrain.kernels.attention.reference import repeat_kv
+    from memtrain.model.layers import rotary_tables
+    from memtrain.model.titans import _out, _qkv
 
     def _masked(q, k, v, mask):  # plain softmax attention (the deep reference kernel differentiates twice)
         g = q.shape[1] // k.shape[1]
@@ -255,7 +255,7 @@ def test_mac_fast_path_equals_plain_segment_loop(depth, meta, monkeypatch):
     """The MAC block's fast path (fused single-device projections, retrieved keys/values through the folded
     out·k/v matrix, shifted-sum conv, output projection batched over segments, chunked kernel) equals the plain
     per-segment loop with the reference kernel: logits and every parameter gradient, fp64."""
-    from model.titans import TitansBlock
+    from memtrain.model.titans import TitansBlock
 
     model, tokens = _model("mac", depth, num_meta_tokens=meta), _tokens(2, 16)  # segments 7 + 7 + 2, chunks of 4
     probe = torch.randn(2, 16, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(3))

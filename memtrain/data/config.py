@@ -1,0 +1,32 @@
+"""Configuration of the data path: which prepared dataset to read and how to batch it.
+
+The trainer hands this sub-config (and nothing else) to `data.stream.build_stream`.
+Field docstrings are the documentation: `python -m memtrain.train --help-config` prints them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class DataConfig:
+    path: str = "data_cache/stdlib"
+    """Prepared dataset directory holding `manifest.json` and the shards (made by `python -m memtrain.data.prepare`)."""
+
+    seq_len: int = 256
+    """Training sequence length in tokens; documents are packed into windows of `seq_len + 1`."""
+
+    batch_size: int = 8
+    """Sequences per micro-batch on each data-parallel rank."""
+
+    num_workers: int = 0
+    """DataLoader worker processes per rank (0 reads in the training process)."""
+
+    shuffle_buffer: int = 1024
+    """Documents held in the shuffle buffer; 0 or 1 keeps shard order."""
+
+    seed: int = 1234
+    """Seed of the shard order and the shuffle; with the epoch it fixes every batch."""
+
+    skip_bad_shards: bool = False
+    """Warn about and skip corrupt or mismatching shards instead of stopping."""

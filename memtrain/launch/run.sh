@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# memtrain launcher: the DeepSpeed launcher around `python -m memtrain.train`, on one machine or many.
+#
+#   memtrain/launch/run.sh [options] -- [python -m memtrain.train arguments]
+#
+#   --nproc N              ranks per node (GPUs on CUDA machines; CPU processes otherwise)  [1]
+#   --hostfile FILE        several machines: lines "hostname slots=N"; DeepSpeed reaches them by ssh/pdsh
+#   --no-ssh --node-rank R start only this node's ranks (run the same command once on every node)
+#   --master-addr ADDR     address of node 0                                               [127.0.0.1]
+#   --master-port PORT     rendezvous port                                                 [29500]
+#   --env KEY=VALUE        set for every rank, on every node (repeatable)
+#
+# Examples
+#   memtrain/launch/run.sh --nproc 2 -- --config configs/demo.toml                       # 2 ranks, this machine
+#   memtrain/launch/run.sh --hostfile hosts --master-addr node0 -- --config configs/tp2.toml
+#   memtrain/launch/run.sh --hostfile hosts --no-ssh --node-rank 1 --master-addr node0 -- --config ...   # on node 1
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+root="$(cd "$here/../.." && pwd)"  # the folder holding memtrain/: the checkout, or site-packages when installed
+python="${PYTHON:-$root/.venv/bin/python}"
+[ -x "$python" ] || python="$(command -v python3)"
+
+nproc=1 hostfile="" no_ssh=0 node_rank=-1 master_addr=127.0.0.1 master_port=29500
+envs=()
+die() { echo "memtrain/launch/run.sh: $*" >&2; exit 2; }
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --nproc) nproc="${2:?--nproc needs a number}"; shift 2 ;;
+    --hostfile) hostfile="${2:?--hostfile needs a file}"; shift 2 ;;
+    --no-ssh) no_ssh=1; shift ;;
+    --node-rank) node_rank="${2:?--node-rank needs a number}"; shift 2 ;;
+    --master-addr) master_addr="${2:?--master-addr needs an address}"; shift 2 ;;
+    --master-port) master_port="${2:?--master-port needs a port}"; shift 2 ;;
+    --env) [[ "${2:-}" == *=* ]] || die "--env needs KEY=VALUE, got '${2:-}'"; envs+=("$2"); shift 2 ;;
+    --) shift; break ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    *) die "unknown option '$1' (train arguments go after --)" ;;
+  esac
+done
+
+[[ "$nproc" =~ ^[1-9][0-9]*$ ]] || die "--nproc must be a positive integer, got '$nproc'"
+if [ -n "$hostfile" ] && [ ! -f "$hostfile" ]; then die "hostfile '$hostfile' not found"; fi
+if [ "$no_ssh" = 1 ] && { [ -z "$hostfile" ] || [ "$node_rank" -lt 0 ]; }; then
+  die "--no-ssh needs --hostfile (all nodes) and --node-rank (this node)"
+fi
+
+# Environment for every rank: exported here (local ranks inherit it) and written to a DeepSpeed env
+# file, which the multi-node (pdsh) runner forwards to the other machines.
+env_file="$(mktemp)"
+trap 'rm -f "$env_file"' EXIT
+for kv in "${envs[@]+"${envs[@]}"}"; do
+  export "${kv?}"
+  echo "$kv" >> "$env_file"
+done
+export DS_ENV_FILE="$env_file" PYTHONUNBUFFERED=1 DS_BUILD_OPS=0
+
+args=(--master_addr "$master_addr" --master_port "$master_port")
+if [ -n "$hostfile" ]; then
+  args+=(--hostfile "$hostfile")
+  # a hostfile's slots give the ranks per node; --nproc limits them when given explicitly
+  [ "$nproc" != 1 ] && args+=(--num_gpus "$nproc")
+else
+  args+=(--num_gpus "$nproc")
+fi
+[ "$no_ssh" = 1 ] && args+=(--no_ssh --node_rank "$node_rank")
+
+# Ranks run in the caller's directory (relative --config and --run-dir paths mean what they say) and import
+# memtrain from where this script lies, installed or not.
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+# Not exec: the EXIT trap must still remove the env file. TERM/INT sent to this script are passed on to the
+# runner (which passes them to every rank: each saves a checkpoint and exits).
+"$python" -m deepspeed.launcher.runner "${args[@]}" --module memtrain.train "$@" &
+runner=$!
+trap 'kill -TERM "$runner" 2>/dev/null' TERM INT
+status=0
+wait "$runner" || status=$?
+while kill -0 "$runner" 2>/dev/null; do wait "$runner" || status=$?; done  # a trapped signal ended the first wait
+exit "$status"

@@ -1,0 +1,338 @@
+"""The training loop: data stream -> model -> AdamW, with progress bar, tensorboard and checkpoints.
+
+Runs as one process (`python -m memtrain.train`) or as every rank of a launcher (`torchrun`), with tensor
+parallelism from megatron-core layers and data parallelism by gradient averaging.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from memtrain.data.stream import build_stream
+from memtrain.launch.groups import Layout, data_context_parallel_group, data_parallel_group, init_parallel
+from memtrain.model import LayerFactory, build_model
+
+from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .config import Config, ConfigError
+from .configtree import to_toml
+from .engine import build_engine
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda' but no CUDA device is available: set device='cpu' or 'auto'")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _agree(value: str) -> str:
+    """Rank 0's `value` on every rank (each rank's clock may name a different default run directory)."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _is_weights_only(path: Path) -> bool:
+    """An imported checkpoint: weights and config only, no optimizer, stream or RNG state."""
+    return "imported_from" in json.loads((path / "meta.json").read_text())
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """Owns the model, optimizer, schedule, stream and run directory of one training run."""
+
+    def __init__(self, cfg: Config, run_dir: str | Path | None, *, resume: str = "none",
+                 default_run_dir: str = "runs/default"):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.layout: Layout = init_parallel(cfg.parallel, self.device, n_layers=cfg.model.n_layers,
+                                            seq_len=cfg.data.seq_len)
+        self.is_main = self.layout.rank == 0
+        self.run_dir = Path(run_dir) if run_dir else Path(_agree(default_run_dir))
+        seed_everything(cfg.seed)  # same on every rank: TP shards are cut from identical full weights
+
+        self.stream = build_stream(cfg.data, dp_rank=self.layout.dp_rank, dp_size=self.layout.dp)
+        if cfg.model.vocab_size == 0:
+            cfg.model.vocab_size = self.stream.vocab_size
+        elif cfg.model.vocab_size < self.stream.vocab_size:
+            raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the dataset's "
+                              f"vocabulary {self.stream.vocab_size}: set it to 0 to take the dataset's")
+        cfg.validate()  # again, now that the vocabulary is known
+
+        factory = LayerFactory()
+        if self.layout.tp > 1:
+            from memtrain.launch.tensor_parallel import MegatronFactory
+            factory = MegatronFactory()
+        if self.layout.cp > 1:  # context parallel: this rank holds a slice of every sequence
+            from memtrain.launch.context_parallel import ContextParallel, check_context_parallel
+            check_context_parallel(cfg.model, cfg.data.seq_len, self.layout.cp)
+            factory.sequence = ContextParallel()
+        self.model = build_model(cfg.model, factory).to(self.device)
+        from .memory_stats import GateStats  # Titans gate statistics (every rank alike; rank 0 logs them)
+        self.gate_stats = GateStats.attach(self.model)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        resume_path = self._find_checkpoint(resume)
+        if resume_path is not None and _is_weights_only(resume_path):
+            # imported weights (python -m memtrain.train.import_hf) start a new run: loaded before the engine
+            # exists, so DeepSpeed's fp32 master copies are made from them
+            self._load_weights_only(resume_path)
+            resume_path = None
+        self.engine = build_engine(self.model, cfg, self.layout, self.run_dir, self.device)
+        self.step = 0
+        self.stop_requested = False
+        self.metrics = None
+        self.writer = None
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.toml").write_text(to_toml(cfg))
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(self.run_dir / "tb"))
+        if resume_path is not None:
+            self._resume(resume_path)
+
+    # ---- checkpoints -----------------------------------------------------------------------------
+
+    def save(self) -> Path:
+        state = {
+            "model": self.engine.model_state(),
+            "stream": self.stream.state_dict(),
+            "rng": rng_state(),
+            "step": self.step,
+        }
+        from memtrain.launch.tensor_parallel import partition_dim
+        meta = {"config": dataclasses.asdict(self.cfg), "layout": dataclasses.asdict(self.layout),
+                # how to merge TP shards: the dim each parameter is split along (None = replicated)
+                "partition_dims": {n: partition_dim(p) for n, p in self.model.named_parameters()},
+                "format": "memtrain-checkpoint-v1"}
+        return save_checkpoint(self.ckpt_root, self.step, state, meta, rank=self.layout.rank,
+                               keep=self.cfg.checkpoint.keep, write_extra=lambda d: state.update(self.engine.save(d)))
+
+    def _find_checkpoint(self, resume: str) -> Path | None:
+        """The checkpoint `--resume` names: none, auto (newest complete one, if any) or a path."""
+        if resume == "none":
+            return None
+        if resume == "auto":
+            found = list_checkpoints(self.ckpt_root)
+            return found[-1] if found else None  # nothing to resume: a fresh run
+        path = Path(resume)
+        if not (path / "meta.json").is_file():
+            raise ConfigError(f"--resume {path}: not a complete checkpoint (no meta.json); "
+                              f"complete ones are listed in RUN_DIR/checkpoints/")
+        return path
+
+    def _load_weights_only(self, path: Path) -> None:
+        """Model weights from a one-file TP = 1 checkpoint, cut to this rank's TP shards."""
+        from memtrain.launch.tensor_parallel import shard_full
+        state, _ = load_checkpoint(path, 0)
+        params = dict(self.model.named_parameters())
+        full = {k: shard_full(v, params[k], self.layout.tp_rank, self.layout.tp) if k in params else v
+                for k, v in state["model"].items()}
+        self.model.load_state_dict(full)
+
+    def _resume(self, path: Path) -> None:
+        state, meta = load_checkpoint(path, self.layout.rank)
+        saved_model = meta["config"]["model"]
+        changed = sorted(k for k, v in dataclasses.asdict(self.cfg.model).items() if saved_model.get(k) != v)
+        if changed:
+            raise ConfigError(f"checkpoint {path} holds another model (model.{', model.'.join(changed)} differ): "
+                              f"resume with the checkpoint's config ({path.parent.parent / 'config.toml'})")
+        if (meta["layout"]["world"] != self.layout.world or meta["layout"]["tp"] != self.layout.tp
+                or meta["layout"].get("pp", 1) != self.layout.pp or meta["layout"].get("cp", 1) != self.layout.cp):
+            raise ConfigError(f"checkpoint {path} was written with layout {meta['layout']}, this run has "
+                              f"{dataclasses.asdict(self.layout)}: resume with the same layout")
+        self.engine.load(path, state)
+        self.stream.load_state_dict(state["stream"])
+        set_rng_state(state["rng"])
+        self.step = state["step"]
+
+    # ---- one step --------------------------------------------------------------------------------
+
+    def _tokens_this_step(self) -> int:
+        """Tokens of each sample used at this step (the RMT curriculum grows it; otherwise seq_len)."""
+        if self.cfg.model.memory == "rmt":
+            from memtrain.model.rmt_config import tokens_for_step
+            return tokens_for_step(self.cfg.model.rmt, self.step, self.cfg.data.seq_len)
+        return self.cfg.data.seq_len
+
+    def train_step(self, batches: list) -> tuple[float, float]:
+        """One optimizer step over `grad_accum` micro-batches; returns (loss averaged over DP, grad norm)."""
+        self.model.train()
+        n = self._tokens_this_step()
+        accum = len(batches)
+        if hasattr(self.engine, "train_batch"):  # pipeline: DeepSpeed runs every micro-batch of the step itself
+            loss = self.engine.train_batch(batches, tokens=n)  # averaged over micro-batches and DP already
+            return loss, self.engine.step()
+        replay = self.cfg.model.memory == "rmt" and self.cfg.model.rmt.memory_replay
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        for batch in batches:
+            inputs = self._local(batch.inputs[:, :n]).to(self.device)
+            targets = self._local(batch.targets[:, :n]).to(self.device)
+            if replay:
+                # memory replay runs its own segment-by-segment backward (torch engine only); it sums the
+                # micro-batches' full gradients, scaled to their mean once below
+                loss = self.model.replay_backward(inputs, targets) / accum
+            else:
+                loss = self.engine.module(inputs, targets).loss / accum
+                self.engine.backward(loss)
+            total += loss.detach().float()
+        if replay and accum > 1:
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad.div_(accum)
+        norm = self.engine.step()
+        return float(self._mean_over_ranks(total)), norm  # the one host sync of the step
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over the first `logging.eval_batches` batches of the val stream (same ones every time)."""
+        self.model.eval()
+        stream = iter(build_stream(self.cfg.data, dp_rank=self.layout.dp_rank, dp_size=self.layout.dp, split="val"))
+        if hasattr(self.engine, "eval_batch"):  # pipeline: stages pass activations, DeepSpeed averages over DP
+            return self.engine.eval_batch([next(stream) for _ in range(self.cfg.logging.eval_batches)])
+        total = torch.zeros((), dtype=torch.float64)
+        for _ in range(self.cfg.logging.eval_batches):
+            batch = next(stream)
+            inputs, targets = self._local(batch.inputs).to(self.device), self._local(batch.targets).to(self.device)
+            total += self.engine.module(inputs, targets).loss.double().cpu()
+        total /= self.cfg.logging.eval_batches
+        return float(self._mean_over_ranks(total))
+
+    def _local(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a `[B, T]` batch: its context-parallel slice of T (all of it without CP)."""
+        return self.model.factory.sequence.local_slice(x) if self.layout.cp > 1 else x
+
+    def _mean_over_ranks(self, total: torch.Tensor) -> torch.Tensor:
+        """Mean of a per-rank loss over DP (different batches) and CP (equal slices of the same batch)."""
+        n = self.layout.dp * self.layout.cp
+        if n > 1:
+            group = data_context_parallel_group() if self.layout.cp > 1 else data_parallel_group()
+            dist.all_reduce(total, group=group)
+            total /= n
+        return total
+
+    # ---- the loop --------------------------------------------------------------------------------
+
+    def _should_stop(self) -> bool:
+        """True once any rank got SIGTERM/SIGINT (ranks agree, so they all save the same step)."""
+        flag = torch.tensor([1.0 if self.stop_requested else 0.0])
+        if dist.is_initialized() and self.layout.world > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _install_signal_handlers(self) -> None:
+        def request_stop(signum, frame):
+            self.stop_requested = True  # finish the step in flight, then save and leave
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, request_stop)
+
+    def _log(self, scalars: dict[str, float]) -> None:
+        if self.metrics is not None:
+            self.metrics.write(json.dumps({"step": self.step, **scalars}) + "\n")
+            self.metrics.flush()
+        if self.writer is not None and (self.step % self.cfg.logging.every == 0 or self.step == self.cfg.schedule.steps
+                                        or any(k.startswith("eval/") for k in scalars)):
+            for tag, value in scalars.items():
+                self.writer.add_scalar(tag if "/" in tag else f"train/{tag}", value, self.step)
+
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        total = cfg.schedule.steps
+        bar = None
+        if self.is_main and cfg.logging.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=total, initial=self.step, desc="train", unit="step", file=sys.stderr,
+                       dynamic_ncols=True)
+        self._install_signal_handlers()
+        from .flops import FORMULA, flops_per_token, peak_flops
+        peak, peak_source = peak_flops(self.device, cfg.logging.peak_tflops)
+        flops: dict[int, float] = {}  # FLOPs per token by sequence length (the RMT curriculum changes it)
+        if self.is_main:
+            print(f"# MFU: FLOPs/token = {FORMULA}; peak {peak / 1e12:.2f} TFLOP/s per device from {peak_source}",
+                  flush=True)
+        stream = iter(self.stream)
+        self.metrics = open(self.run_dir / "metrics.jsonl", "a") if self.is_main else None
+        losses: list[float] = []
+        eval_loss = None
+        t_last = time.perf_counter()
+        interrupted = False
+        while self.step < total:
+            batches = [next(stream) for _ in range(cfg.optim.grad_accum)]
+            lr = self.engine.lr  # the rate this step uses (the schedule moves on inside the step)
+            if self.gate_stats is not None:  # collected only on the steps whose scalars reach tensorboard
+                self.gate_stats.active = (self.step + 1) % cfg.logging.every == 0 or self.step + 1 == total
+            loss, norm = self.train_step(batches)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss} at step {self.step}: lower optim.lr or check the data")
+            self.step += 1
+            now = time.perf_counter()
+            tokens = cfg.data.batch_size * self._tokens_this_step() * self.layout.dp * cfg.optim.grad_accum
+            tok_s = tokens / max(now - t_last, 1e-9)
+            t_last = now
+            n = self._tokens_this_step()
+            if n not in flops:
+                flops[n] = flops_per_token(self.model, n, self.layout.tp)
+            mfu = tok_s * flops[n] / (peak * self.layout.world)
+            losses.append(loss)
+            gates = self.gate_stats.collect() if self.gate_stats is not None else {}
+            self._log({"loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_s": tok_s, "mfu": mfu, **gates})
+            if cfg.logging.eval_every and (self.step % cfg.logging.eval_every == 0 or self.step == total):
+                eval_loss = self.evaluate()
+                self._log({"eval/loss": eval_loss})
+                t_last = time.perf_counter()  # evaluation time is not training throughput
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}")
+                bar.update(1)
+            if self._should_stop():
+                interrupted = True
+                break
+            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < total:
+                self.save()
+        if bar is not None:
+            bar.close()
+        if self.metrics is not None:
+            self.metrics.close()
+        done = self.ckpt_root / f"step_{self.step:08d}"
+        ckpt = done if not losses and (done / "meta.json").is_file() else self.save()  # nothing new: keep it
+        if self.writer is not None:
+            self.writer.close()
+        summary = {"steps": self.step, "interrupted": interrupted,
+                   "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
+                   "last10_loss": float(np.mean(losses[-10:])) if losses else None, "eval_loss": eval_loss,
+                   "checkpoint": str(ckpt), "tensorboard": str(self.run_dir / "tb")}
+        if self.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
