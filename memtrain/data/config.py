@@ -1,6 +1,6 @@
 """Configuration of the data path: which prepared dataset to read and how to batch it.
 
-The trainer hands this sub-config (and nothing else) to `data.stream.build_stream`.
+The trainer hands this sub-config (and nothing else) to `memtrain.data.stream.build_stream`.
 Field docstrings are the documentation: `python -m memtrain.train --help-config` prints them.
 """
 from __future__ import annotations

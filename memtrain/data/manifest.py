@@ -53,7 +53,7 @@ class Manifest:
         if not shards:
             have = sorted({s.split for s in self.shards})
             raise DataError(f"{os.path.join(self.dir, MANIFEST)} has no {name!r} split (it has {have}); "
-                            f"re-run data.prepare with --val-every N (N >= 2, default 100) to hold out a val split")
+                            f"re-run memtrain.data.prepare with --val-every N (N >= 2, default 100) to hold out a val split")
         return shards
 
     def path(self, shard: ShardMeta) -> str:
@@ -104,18 +104,18 @@ def load_manifest(data_dir: str) -> Manifest:
         with open(path, encoding="utf-8") as f:
             raw = json.load(f)
         if raw.get("format") != FORMAT:
-            raise DataError(f"{path} has format {raw.get('format')!r}, expected {FORMAT!r}; re-run data.prepare")
+            raise DataError(f"{path} has format {raw.get('format')!r}, expected {FORMAT!r}; re-run memtrain.data.prepare")
         shards = [ShardMeta(str(s["file"]), str(s["split"]), int(s["docs"]), int(s["tokens"]), int(s["bytes"]),
                             str(s["sha256"])) for s in raw["shards"]]
         int(raw["vocab_size"]), raw["tokenizer"]["file"], raw["tokenizer"]["sha256"]
         if raw["dtype"] not in ("uint16", "uint32"):
-            raise DataError(f"{path}: dtype {raw['dtype']!r} is not uint16/uint32; re-run data.prepare")
+            raise DataError(f"{path}: dtype {raw['dtype']!r} is not uint16/uint32; re-run memtrain.data.prepare")
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path} is not valid JSON ({exc}); re-run data.prepare")
+        raise DataError(f"{path} is not valid JSON ({exc}); re-run memtrain.data.prepare")
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         if isinstance(exc, DataError):
             raise
-        raise DataError(f"{path} is missing or has a malformed field ({exc!r}); re-run data.prepare")
+        raise DataError(f"{path} is missing or has a malformed field ({exc!r}); re-run memtrain.data.prepare")
     return Manifest(os.path.abspath(data_dir), raw, shards)
 
 
@@ -125,9 +125,9 @@ def check_tokenizer(manifest: Manifest) -> Tokenizer:
     want = manifest.raw["tokenizer"]
     if tok.vocab_size != manifest.vocab_size:
         raise DataError(f"tokenizer {tok.path} has vocab size {tok.vocab_size}, manifest says "
-                        f"{manifest.vocab_size}; restore the original tokenizer or re-run data.prepare")
+                        f"{manifest.vocab_size}; restore the original tokenizer or re-run memtrain.data.prepare")
     got = file_sha256(tok.path)
     if got != want["sha256"]:
         raise DataError(f"tokenizer {tok.path} has sha256 {got[:12]}…, manifest says {want['sha256'][:12]}…; "
-                        f"restore the original tokenizer or re-run data.prepare")
+                        f"restore the original tokenizer or re-run memtrain.data.prepare")
     return tok

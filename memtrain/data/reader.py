@@ -1,4 +1,4 @@
-"""One slot's reader: documents in `data.order`'s order, packed into batches of `seq_len + 1` windows.
+"""One slot's reader: documents in `memtrain.data.order`'s order, packed into batches of `seq_len + 1` windows.
 
 The slot's token stream is every document followed by EOS, epoch after epoch, with no gaps. Batch j is
 `B` consecutive windows of `seq_len + 1` tokens with stride `seq_len` (window k's last token is window
@@ -48,7 +48,7 @@ class ShardCache:
             n_tokens = sum(len(d) for d in docs)
             if len(docs) != meta.docs or n_tokens != meta.tokens:
                 raise ShardError(f"shard {path} holds {len(docs)} docs / {n_tokens} tokens, manifest says "
-                                 f"{meta.docs} / {meta.tokens}; re-run data.prepare")
+                                 f"{meta.docs} / {meta.tokens}; re-run memtrain.data.prepare")
         except ShardError as exc:
             if not self.skip_bad:
                 raise DataError(f"{exc} (or set data.skip_bad_shards = true to skip it)") from None

@@ -72,10 +72,10 @@ def _parse_tokens(path: str, name: str, payload: bytes, dtype: str | None) -> np
     try:
         arr = np.load(io.BytesIO(payload), allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
-        raise ShardError(f"shard {path}: member {name} is not a valid .npy array ({exc}); re-run data.prepare")
+        raise ShardError(f"shard {path}: member {name} is not a valid .npy array ({exc}); re-run memtrain.data.prepare")
     if arr.ndim != 1 or (dtype is not None and arr.dtype != np.dtype(dtype)):
         raise ShardError(f"shard {path}: member {name} has dtype {arr.dtype} shape {arr.shape}, "
-                         f"manifest says 1-D {dtype}; re-run data.prepare")
+                         f"manifest says 1-D {dtype}; re-run memtrain.data.prepare")
     return arr
 
 
@@ -85,12 +85,12 @@ def read_shard(path: str, sha256: str | None = None, dtype: str | None = None) -
         with open(path, "rb") as f:
             data = f.read()
     except OSError as exc:
-        raise ShardError(f"shard {path} cannot be read ({exc.strerror or exc}); re-run data.prepare or restore it")
+        raise ShardError(f"shard {path} cannot be read ({exc.strerror or exc}); re-run memtrain.data.prepare or restore it")
     if sha256 is not None:
         got = hashlib.sha256(data).hexdigest()
         if got != sha256:
             raise ShardError(f"shard {path} has sha256 {got[:12]}…, manifest says {sha256[:12]}…; "
-                             f"the file changed or is truncated: re-run data.prepare")
+                             f"the file changed or is truncated: re-run memtrain.data.prepare")
     samples: list[Sample] = []
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
@@ -98,7 +98,7 @@ def read_shard(path: str, sha256: str | None = None, dtype: str | None = None) -
                 if not info.isfile():
                     continue
                 if info.offset_data + info.size > len(data):
-                    raise ShardError(f"shard {path} is truncated inside member {info.name}; re-run data.prepare")
+                    raise ShardError(f"shard {path} is truncated inside member {info.name}; re-run memtrain.data.prepare")
                 payload = data[info.offset_data:info.offset_data + info.size]
                 base = os.path.basename(info.name)
                 key, dot, suffix = base.partition(".")
@@ -114,8 +114,8 @@ def read_shard(path: str, sha256: str | None = None, dtype: str | None = None) -
     except (tarfile.TarError, EOFError, ValueError) as exc:
         if isinstance(exc, DataError):
             raise
-        raise ShardError(f"shard {path} is not a readable tar ({exc}); it is corrupt or truncated: re-run data.prepare")
+        raise ShardError(f"shard {path} is not a readable tar ({exc}); it is corrupt or truncated: re-run memtrain.data.prepare")
     for s in samples:
         if s.fields.pop("__tokens_seen__", None) is None:
-            raise ShardError(f"shard {path}: sample {s.key} has no {TOKENS} member; re-run data.prepare")
+            raise ShardError(f"shard {path}: sample {s.key} has no {TOKENS} member; re-run memtrain.data.prepare")
     return samples

@@ -1,4 +1,4 @@
-"""A thin wrapper around a sentencepiece model, and the training recipe `data.prepare` uses.
+"""A thin wrapper around a sentencepiece model, and the training recipe `memtrain.data.prepare` uses.
 
 The recipe is fixed because every dataset and every checkpoint depends on it: BPE with byte fallback (no
 unknown tokens, any text round-trips), digits split one per token, identity normalisation and no whitespace
@@ -32,7 +32,7 @@ class Tokenizer:
         try:
             self._sp.load(self.path)
         except (OSError, RuntimeError) as exc:
-            raise DataError(f"tokenizer {self.path} is not a sentencepiece model ({exc}); re-run data.prepare")
+            raise DataError(f"tokenizer {self.path} is not a sentencepiece model ({exc}); re-run memtrain.data.prepare")
 
     @property
     def vocab_size(self) -> int:

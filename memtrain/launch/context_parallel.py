@@ -2,7 +2,7 @@
 
 With CP size c and a text of T tokens, rank r holds text positions r·T/c .. (r+1)·T/c − 1 (T_l = T/c of them)
 and the whole prefix (the P meta tokens, replicated and recomputed on every rank). `ContextParallel` is the
-`model.factory.SequenceOps` the model calls (`factory.sequence = ContextParallel()`), so the model code names
+`memtrain.model.factory.SequenceOps` the model calls (`factory.sequence = ContextParallel()`), so the model code names
 no process group. What crosses ranks (DESIGN.md §4, docs/distributed.md "Context parallel"):
 
 * attention, windowed layer (W − 1 <= T_l): the halo, the last W − 1 keys and values of rank r − 1

@@ -57,7 +57,7 @@ def check_pipeline_model(memory: str, pp: int) -> None:
     """
     if pp > 1 and memory == "rmt":
         raise LayoutError(f"DeepSpeed's pipeline schedule cannot run model.memory='rmt' at parallel.pp={pp} (its "
-                          f"memory cycles from the last stage back to the first): use launch.rmt_pipeline."
+                          f"memory cycles from the last stage back to the first): use memtrain.launch.rmt_pipeline."
                           f"RMTPipelineEngine, which the trainer picks for RMT")
     if pp > 1 and memory != "none" and memory not in TITANS_KINDS:
         raise LayoutError(f"parallel.pp={pp} does not support model.memory={memory!r}: set parallel.pp=1")
@@ -147,7 +147,7 @@ def build_pipeline(model: DecoderLM, layout: Layout, *, activation_checkpoint_in
                           f"{model.cfg.n_layers} blocks: set parallel.pp <= {model.cfg.n_layers} or add layers")
     if model.factory.tp_size != layout.tp:
         raise LayoutError(f"the model was built for tensor-parallel size {model.factory.tp_size}, the layout has "
-                          f"parallel.tp={layout.tp}: build it with launch.tensor_parallel.MegatronFactory")
+                          f"parallel.tp={layout.tp}: build it with memtrain.launch.tensor_parallel.MegatronFactory")
     import deepspeed
     if not deepspeed.comm.is_initialized():  # PipelineModule talks through deepspeed.comm (wraps torch's group)
         deepspeed.comm.init_distributed(dist_backend=dist.get_backend(), verbose=False)
@@ -211,7 +211,7 @@ def pipeline_grad_norm(pipe: PipelineModule, tp_group=None) -> float:
 
 
 class PipelineEngine:
-    """DeepSpeed's PipelineEngine behind the interface of train.engine.DeepSpeedEngine, plus `train_batch`.
+    """DeepSpeed's PipelineEngine behind the interface of memtrain.train.engine.DeepSpeedEngine, plus `train_batch`.
 
     DeepSpeed runs every micro-batch of a step inside `train_batch` (forward, backward, gradient reduction,
     update), so `backward(loss)` does not exist here: the trainer calls `train_batch(batches)`, then `step()`

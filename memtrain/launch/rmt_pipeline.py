@@ -31,7 +31,7 @@ stage `head`, `memory_norm` and, with tied embeddings, `embed.tokens.weight`, wh
 stage 0's over megatron's embedding group (first + last stage) so both copies stay identical. Every rank builds
 the whole model (same seed: the single-process weights); the parameters of other stages are not used, updated
 or counted. Peers are rank ± tp·dp (same tp_rank, dp_rank): under TP each rank sends its replicated h to its
-counterpart. After the backward: data-parallel mean (train.optim.average_gradients), the tied sum, the global
+counterpart. After the backward: data-parallel mean (memtrain.train.optim.average_gradients), the tied sum, the global
 gradient norm (TP-split parameters summed over TP, replicated ones once per stage, the tied weight once,
 stages summed over the pipe group), clip, AdamW and LambdaLR of memtrain/train/optim.py over the stage's parameters.
 
@@ -83,7 +83,7 @@ def stage_parameters(model: nn.Module, pp: int, stage: int) -> dict[str, nn.Para
 
 
 class _Named:
-    """`named_parameters()` of a stage, for train.optim.build_optimizer (decay grouping by name and shape)."""
+    """`named_parameters()` of a stage, for memtrain.train.optim.build_optimizer (decay grouping by name and shape)."""
 
     def __init__(self, named: dict[str, nn.Parameter]):
         self.named = named
@@ -93,7 +93,7 @@ class _Named:
 
 
 class RMTPipelineEngine:
-    """The RMT over `layout.pp` stages behind the interface of launch.pipeline.PipelineEngine (see module doc)."""
+    """The RMT over `layout.pp` stages behind the interface of memtrain.launch.pipeline.PipelineEngine (see module doc)."""
 
     def __init__(self, model: nn.Module, cfg, layout: Layout, run_dir: Path | None, bf16: bool, *,
                  activation_checkpoint_interval: int | None = None):
@@ -103,7 +103,7 @@ class RMTPipelineEngine:
         pp = layout.pp
         if not isinstance(model, RMTDecoderLM):
             raise LayoutError(f"RMTPipelineEngine runs model.memory='rmt', got {type(model).__name__}: use "
-                              f"launch.pipeline.PipelineEngine")
+                              f"memtrain.launch.pipeline.PipelineEngine")
         if pp < 2:
             raise LayoutError(f"RMTPipelineEngine needs parallel.pp >= 2, got {pp}: use the torch engine")
         if layout.cp > 1:
@@ -123,7 +123,7 @@ class RMTPipelineEngine:
                               f"blocks: set parallel.pp <= {model.cfg.n_layers} or add layers")
         if model.factory.tp_size != layout.tp:
             raise LayoutError(f"the model was built for tensor-parallel size {model.factory.tp_size}, the layout "
-                              f"has parallel.tp={layout.tp}: build it with launch.tensor_parallel.MegatronFactory")
+                              f"has parallel.tp={layout.tp}: build it with memtrain.launch.tensor_parallel.MegatronFactory")
         if activation_checkpoint_interval is None:
             activation_checkpoint_interval = cfg.parallel.activation_checkpoint_interval
         from megatron.core import parallel_state as ps
@@ -261,7 +261,7 @@ class RMTPipelineEngine:
         dist.all_reduce(total)  # only last-stage ranks hold a loss: tp · dp of them, TP ranks alike
         return float(total) / self.replicas
 
-    # ---- the interface of launch.pipeline.PipelineEngine -------------------------------------------
+    # ---- the interface of memtrain.launch.pipeline.PipelineEngine -------------------------------------------
 
     def train_batch(self, batches, tokens: int | None = None) -> float:
         """One optimizer step over the micro-batches `batches` (objects with .inputs/.targets, or pairs; `tokens`

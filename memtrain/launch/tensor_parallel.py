@@ -61,7 +61,7 @@ class MegatronFactory(LayerFactory):
 
     def __init__(self, params_dtype: torch.dtype = torch.float32):
         if not parallel_state.model_parallel_is_initialized():
-            raise RuntimeError("call launch.groups.init_parallel(...) before building a tensor-parallel model")
+            raise RuntimeError("call memtrain.launch.groups.init_parallel(...) before building a tensor-parallel model")
         self.tp_size = parallel_state.get_tensor_model_parallel_world_size()
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
         # CPU initialisation draws each full ("master") weight from the default generator, then keeps this

@@ -1,7 +1,7 @@
 """The layer factory: the one seam through which tensor parallelism enters the model.
 
 Every layer whose weights may be split across tensor-parallel ranks is made by a factory, never by
-`nn.Linear` directly. `LayerFactory` below makes plain single-device layers; `launch.tensor_parallel`
+`nn.Linear` directly. `LayerFactory` below makes plain single-device layers; `memtrain.launch.tensor_parallel`
 supplies a factory of megatron-core layers with the same contract, so the model code is identical at
 TP = 1 and TP > 1 and names no process group.
 
@@ -16,7 +16,7 @@ Contract (shapes for inputs `[..., in]`):
 The factory also carries `sequence`, the seam for context parallelism: a `SequenceOps` object the model asks
 for everything that crosses the sequence dimension (attention over earlier positions, memory state handed
 from one slice of the sequence to the next). The default below is single-device (this process holds the
-whole sequence); `launch.context_parallel.ContextParallel` answers the same calls across CP ranks.
+whole sequence); `memtrain.launch.context_parallel.ContextParallel` answers the same calls across CP ranks.
 """
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ class SequenceOps:
 
     def linear_memory(self, q, k, v, theta, eta, alpha, *, chunk_size: int, state=None, chunk_offset: int = 0,
                       backend: str = "auto"):
-        """Titans linear memory over this process's tokens (shapes of `kernels.titans.linear_memory`);
+        """Titans linear memory over this process's tokens (shapes of `memtrain.kernels.titans.linear_memory`);
         `state` and `chunk_offset` are those of the whole sequence's start (under CP: on every rank).
         Returns (y `[B, H, T, Dv]`, state after this process's tokens (W, S, W_anchor))."""
         from memtrain.kernels.titans import linear_memory
@@ -91,7 +91,7 @@ class SequenceOps:
 
     def deep_memory(self, q, k, v, theta, eta, alpha, *, chunk_size: int, state, chunk_offset: int = 0,
                     act: str = "gelu", backend: str = "auto"):
-        """Titans deep memory over this process's tokens (shapes of `kernels.titans.deep_memory`); `state` and
+        """Titans deep memory over this process's tokens (shapes of `memtrain.kernels.titans.deep_memory`); `state` and
         `chunk_offset` as in `linear_memory`. Returns (y `[B, H, T, Dv]`, state (weights, momenta, anchor))."""
         from memtrain.kernels.titans import deep_memory
         return deep_memory(q, k, v, theta, eta, alpha, chunk_size=chunk_size, state=state,
@@ -104,7 +104,7 @@ class LayerFactory:
     tp_size: int = 1
     tp_rank: int = 0
     sequence: SequenceOps = SequenceOps()
-    """Set to a `launch.context_parallel.ContextParallel` on an instance for context parallelism."""
+    """Set to a `memtrain.launch.context_parallel.ContextParallel` on an instance for context parallelism."""
 
     def column(self, in_features: int, out_features: int, *, std: float, bias: bool = False) -> nn.Module:
         return _init(nn.Linear(in_features, out_features, bias=bias, device="meta"), std)

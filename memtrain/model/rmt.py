@@ -367,5 +367,5 @@ class RMTDecoderLM(DecoderLM):
 
     def stages(self) -> list[nn.Module]:
         raise NotImplementedError("the RMT's memory cycles from the last block back to the first, so it has no "
-                                  "flat pipeline stages for DeepSpeed: launch.rmt_pipeline.RMTPipelineEngine "
+                                  "flat pipeline stages for DeepSpeed: memtrain.launch.rmt_pipeline.RMTPipelineEngine "
                                   "runs it over parallel.pp stages (segment_input/segment_blocks/segment_output)")

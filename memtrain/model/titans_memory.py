@@ -2,14 +2,14 @@
 
     x [B, n, D] --query, kv (columns)--> [short depthwise causal conv] --> q, k = ℓ2norm(SiLU(.)), v   per head
     x [B, n, D] --gates (column)--> θ, η, α = sigmoid(.)                                          per token, per head
-    y = M_t(q_t) after the update of token t (kernels.titans.linear_memory / deep_memory)          [B, H, n, Dh]
+    y = M_t(q_t) after the update of token t (memtrain.kernels.titans.linear_memory / deep_memory)          [B, H, n, Dh]
     out = y --out (row)--> [B, n, D]
 
 Memory heads are independent, so tensor parallelism splits them: the q/k/v and gate projections are column
 layers laid out head by head (whole heads per rank), the output projection is a row layer (summed over ranks),
 and the per-head parameters the factory does not make (the learned initial memory M_0 and the conv taps) are
 drawn in full from the default generator and sliced to this rank's heads, marked with megatron's
-`tensor_model_parallel` / `partition_dim` attributes so `launch.tensor_parallel.shard_full / gather_full` see them.
+`tensor_model_parallel` / `partition_dim` attributes so `memtrain.launch.tensor_parallel.shard_full / gather_full` see them.
 
 The memory state between calls is the kernel's 3-tuple (memory, momentum, chunk-start anchor) plus the last
 conv_size - 1 pre-conv projections (the conv tail) and the count of tokens this memory has seen (chunk grid).
@@ -152,7 +152,7 @@ class TitansMemory(nn.Module):
 
     def read(self, memory, q: torch.Tensor) -> torch.Tensor:
         """M(q) without any update: memory = kernel memory (linear `[B, Hl, Dh, Dh]` or tuple of deep layers),
-        q `[B, Hl, n, Dh]` -> `[B, Hl, n, Dh]`. Same MLP form as kernels.titans (W_L act(... act(W_1 q)))."""
+        q `[B, Hl, n, Dh]` -> `[B, Hl, n, Dh]`. Same MLP form as memtrain.kernels.titans (W_L act(... act(W_1 q)))."""
         if self.depth == 1:
             return q @ memory.transpose(-1, -2)
         act = F.gelu if self.act == "gelu" else F.silu

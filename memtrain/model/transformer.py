@@ -27,7 +27,7 @@ class LMOutput(NamedTuple):
     loss: torch.Tensor | None = None
     """Mean next-token loss when targets were given."""
     state: Any = None
-    """Recurrent state to pass to the next call (memory models, e.g. `model.rmt.RMTState`); None otherwise."""
+    """Recurrent state to pass to the next call (memory models, e.g. `memtrain.model.rmt.RMTState`); None otherwise."""
 
 
 class Embed(nn.Module):

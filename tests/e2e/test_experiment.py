@@ -68,7 +68,7 @@ def test_long_context_runs_and_resumes(tmp_path):
 @pytest.mark.parametrize("preset", PRESETS, ids=[p.name for p in PRESETS])
 def test_every_experiment_preset_loads(preset):
     tree = tomllib.loads(preset.read_text())
-    if "experiment" in tree:  # the registers experiment of train.inspect
+    if "experiment" in tree:  # the registers experiment of memtrain.train.inspect
         from memtrain.train.inspect.experiment import load_preset, write_base_config
         _, train_tree = load_preset(preset)
         write_base_config(train_tree, Path("/dev/null"))

@@ -1,4 +1,4 @@
-"""data.prepare: inputs of every type, the tokenizer recipe, shard/manifest layout, byte-identical output."""
+"""memtrain.data.prepare: inputs of every type, the tokenizer recipe, shard/manifest layout, byte-identical output."""
 from __future__ import annotations
 
 import gzip

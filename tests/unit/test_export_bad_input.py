@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def fake_checkpoint(run_dir: Path, *, step: int = 5, **model) -> Path:
-    """A complete single-process checkpoint of a random tiny model, written by train.checkpoint."""
+    """A complete single-process checkpoint of a random tiny model, written by memtrain.train.checkpoint."""
     cfg = Config(model=ModelConfig(vocab_size=100, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
                                    max_seq_len=64, num_meta_tokens=2, **model))
     net = build_model(cfg.model)

@@ -75,7 +75,7 @@ def spec_rotary(cfg: ModelConfig, P: int, M: int, l: int, write: bool, offset: i
     free = torch.isnan(ang)
     cos = torch.where(free, 1.0, ang.cos())
     sin = torch.where(free, 0.0, ang.sin())
-    return cos, sin  # fp64, as model.layers.rotary_tables
+    return cos, sin  # fp64, as memtrain.model.layers.rotary_tables
 
 
 def spec_loss(model: RMTDecoderLM, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

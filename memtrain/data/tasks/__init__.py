@@ -12,7 +12,7 @@ memory, no tokenizer or corpus needed) for models small enough to train on a CPU
 
 Every sample's tokens are prompt + answer and exactly `length` long; `answer.txt` holds the answer and
 `meta.json` where it starts (`prompt_tokens`), so the trainer reads task shards like any other data and the
-evaluator feeds the prompt and scores the generation by exact match (`data.tasks.examples`).
+evaluator feeds the prompt and scores the generation by exact match (`memtrain.data.tasks.examples`).
 CLI: `python -m memtrain.data.tasks --task qa2 --data data_cache/stdlib --length 4096 --num 100 --out DIR`.
 """
 from memtrain.data.tasks.examples import TaskExample, exact_match, read_examples

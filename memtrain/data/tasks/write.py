@@ -1,4 +1,4 @@
-"""Write generated examples as shards + manifest, in the same format `data.prepare` writes."""
+"""Write generated examples as shards + manifest, in the same format `memtrain.data.prepare` writes."""
 from __future__ import annotations
 
 import json

@@ -16,7 +16,7 @@ sums the gradients over ranks), so gradients are exact. Cost: the memory op runs
 instead of Dv, plus r small `[Dv, n·Dk] × [n·Dk, n·Dk]` products on rank r.
 
 Deep memory is not affine: `deep_memory_context_parallel` passes the state rank to rank (the hand-off of
-`launch.context_parallel.ContextParallel`), so ranks run their slices one after another.
+`memtrain.launch.context_parallel.ContextParallel`), so ranks run their slices one after another.
 
 Communication is injected (`all_gather`, `sequence`), so this file names no process group.
 """
@@ -51,7 +51,7 @@ def _full_linear_state(state, q, v, chunk_offset: int) -> tuple[torch.Tensor, to
 def linear_memory_context_parallel(q, k, v, theta, eta, alpha, *, chunk_size: int, state=None, chunk_offset: int = 0,
                                    rank: int, size: int, all_gather: Callable[[torch.Tensor], torch.Tensor],
                                    backend: str = "auto"):
-    """This rank's slice of `kernels.titans.linear_memory` over a sequence split into `size` equal slices.
+    """This rank's slice of `memtrain.kernels.titans.linear_memory` over a sequence split into `size` equal slices.
 
     q, k `[B, H, T_l, Dk]`, v `[B, H, T_l, Dv]`, gates `[B, H, T_l]`: slice `rank` of the sequence. `state`: the
     initial state of the whole sequence (None, (W, S) or (W, S, W_anchor), each `[B, H, Dv, Dk]`; the same on
@@ -101,7 +101,7 @@ def _full_deep_state(state, chunk_offset: int):
 
 def deep_memory_context_parallel(q, k, v, theta, eta, alpha, *, chunk_size: int, state, sequence,
                                  chunk_offset: int = 0, act: str = "gelu", backend: str = "auto"):
-    """This rank's slice of `kernels.titans.deep_memory`: the state is handed rank to rank.
+    """This rank's slice of `memtrain.kernels.titans.deep_memory`: the state is handed rank to rank.
 
     Shapes as `deep_memory` for the slice; `state` is the sequence's initial state (weights, momenta[, anchor])
     on every rank (only rank 0 uses it), `sequence` a `ContextParallel` (its `handoff_in` / `handoff_out`).

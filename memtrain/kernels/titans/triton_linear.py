@@ -215,7 +215,7 @@ class LinearMemoryChunks(torch.autograd.Function):
 
 
 def linear_memory_triton(q, k, v, theta, eta, alpha, *, chunk_size, state=None, chunk_offset=0):
-    """Same contract as :func:`kernels.titans.chunked.linear_memory_chunked`, Triton chunk loop.
+    """Same contract as :func:`memtrain.kernels.titans.chunked.linear_memory_chunked`, Triton chunk loop.
 
     q, k [B,H,T,Dk]; v [B,H,T,Dv]; gates [B,H,T]; state None | (W, S) | (W, S, W_anchor) each [B,H,Dv,Dk].
     Computes in fp64 for fp64 inputs, else fp32 (bf16/fp16 are upcast; outputs cast back).

@@ -4,7 +4,7 @@ A thin `PreTrainedTokenizer` over the very sentencepiece model the training data
 (`tokenizer.model`), calling sentencepiece directly for both directions: memtrain's recipe (byte fallback,
 identity normalisation, whitespace kept, "\\n" a piece of its own) must round-trip exactly, and converting it to
 a `tokenizers` fast tokenizer risks silent differences in whitespace handling. So encode(text) equals
-`data.tokenizer.Tokenizer.encode(text)` and decode(ids) equals its `decode(ids)`.
+`memtrain.data.tokenizer.Tokenizer.encode(text)` and decode(ids) equals its `decode(ids)`.
 
 No BOS/EOS is added (training packs documents separated by EOS, without BOS); special-token strings in the text
 are NOT parsed as special tokens (sentencepiece encodes "<s>" as plain text, as in training). Padding is on the

@@ -12,11 +12,11 @@ How. The plain model runs its blocks once per call; the RMT runs them once per s
   last block keeps the stream after it;
 * a forward pre-hook (with kwargs) on every `Attention` replaces the `attend` argument by a wrapper around the call
   the layer would have made anyway: `attend` when one is given (the RMT passes its own), else the layer's default
-  `kernels.attention.attention(q, k, v, num_prefix, window, backend)`. The wrapper runs that call unchanged (the
+  `memtrain.kernels.attention.attention(q, k, v, num_prefix, window, backend)`. The wrapper runs that call unchanged (the
   model's outputs are bit-for-bit those of an uncaptured run), and keeps q and k (after rotary).
 * The probabilities are then recomputed in float64 from q, k and the visibility mask of the reference spec
   (`memtrain/kernels/attention/reference.py`): `softmax(q kᵀ / sqrt(Dh))` over `build_mask(N, num_prefix, window)`, or for
-  an RMT windowed layer the same mask for the first N − M rows and `model.rmt.write_mask` for the M write rows.
+  an RMT windowed layer the same mask for the first N − M rows and `memtrain.model.rmt.write_mask` for the M write rows.
   An `attend` the capture does not recognise (a future layout) is measured instead by probing it: calling it with
   one-hot values (`v = e_j` for Dh positions at a time) returns the probability columns directly.
 
@@ -139,7 +139,7 @@ def capture(model: torch.nn.Module, *, probs: bool = True) -> Iterator[Trace]:
                            f"(supported: plain and RMT models)")
     blocks = list(model.blocks)
     if not all(isinstance(b, Block) for b in blocks):
-        raise InspectError("this model's blocks are not model.layers.Block: capture is not available for it yet")
+        raise InspectError("this model's blocks are not memtrain.model.layers.Block: capture is not available for it yet")
     trace = Trace()
     handles = []
 

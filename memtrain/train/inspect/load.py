@@ -4,7 +4,7 @@
     ids = text_windows(loaded.tokenizer, Path("doc.txt"), seq_len=128, max_windows=8)   # [B, T] int64
 
 Only tensor-parallel size 1 checkpoints are read (a TP > 1 run is refused with a one-line error; merging its shards
-is what `train.hf.merge` does for export, and can be reused here once needed). Every user mistake raises
+is what `memtrain.train.hf.merge` does for export, and can be reused here once needed). Every user mistake raises
 `InspectError`, which the CLI prints as one line and exit code 2.
 """
 from __future__ import annotations
