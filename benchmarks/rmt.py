@@ -4,7 +4,7 @@
     python benchmarks/rmt.py --segments 4 8 16  # several segment counts
     python benchmarks/rmt.py --no-rss           # saved-tensor accounting only (faster)
 
-Prints one JSON line per measurement (DESIGN.md §7) and, per segment count, a "ratio" line
+Prints one JSON line per measurement (docs/architecture.md "Measuring") and, per segment count, a "ratio" line
 (replay / plain, both measured in this run).
 
 Methods.
@@ -89,7 +89,7 @@ class _Release:
 
 def build(args, segments: int):
     from memtrain.model import ModelConfig, build_model
-    from memtrain.model.rmt_config import RMTConfig
+    from memtrain.model.memory.rmt.config import RMTConfig
     cfg = ModelConfig(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
                       max_seq_len=segments * args.segment_len, attention_backend="sdpa", memory="rmt",
                       rmt=RMTConfig(segment_len=args.segment_len, num_memory=args.memory))

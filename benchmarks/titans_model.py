@@ -61,7 +61,7 @@ def _load_avg() -> float:
 def _our_model(a: dict):
     sys.path.insert(0, ROOT)
     from memtrain.model import ModelConfig, build_model
-    from memtrain.model.titans_config import TitansConfig
+    from memtrain.model.memory.titans.config import TitansConfig
     cfg = ModelConfig(vocab_size=a["vocab"], d_model=a["dim"], n_layers=a["depth"], n_heads=a["heads"],
                       max_seq_len=max(a["seq_len"], 1024), num_meta_tokens=a["persist"], memory="mac",
                       attention_backend="auto",
@@ -265,8 +265,8 @@ def main() -> None:
                          "forgetting and read-out weights are grouped by")
     ap.add_argument("--peer-ttt-batch", type=int, default=None,
                     help="the peer's neural_memory_batch_size: how many tokens share the weights their memory "
-                         "gradients are taken at (default: the peer's chunk size, i.e. the paper's and DESIGN.md "
-                         "§2's chunk-start memory, what ours computes); 0 = the peer's default None, every gradient "
+                         "gradients are taken at (default: the peer's chunk size, i.e. the paper's chunk-start "
+                         "memory of docs/titans_kernels.md, what ours computes); 0 = the peer's default None, every gradient "
                          "of a call at the call's initial weights (no sequential dependence between chunks: "
                          "cheaper, and not the same model)")
     ap.add_argument("--mem-depth", type=int, default=2)

@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from memtrain.model.config import ModelConfig
 
 
 class LayoutError(ValueError):
@@ -45,3 +49,62 @@ class ParallelConfig:
     zero_stage: int = 0
     """DeepSpeed ZeRO stage 0-3 (partitions optimizer state, gradients, parameters over data × context
     parallel ranks)."""
+
+
+def check_layout(model: ModelConfig, parallel: ParallelConfig, seq_len: int) -> None:
+    """Every rule that ties the model to the parallel layout and the training length, for every memory kind: its
+    spec (memtrain/model/memory) answers what varies by kind. Raises LayoutError (one line, naming the fix).
+
+    The world-size arithmetic (which sizes divide the world) is `groups.resolve_layout`'s; this needs no world.
+    """
+    from memtrain.model.errors import ModelConfigError
+    from memtrain.model.memory import memory_spec
+    spec = memory_spec(model.memory)
+    p = parallel
+    try:
+        spec.check_run(model, p, seq_len)  # the kind's own rules first: they name the kind's fix
+    except ModelConfigError as e:
+        raise LayoutError(str(e)) from None
+    if model.n_heads % p.tp or model.kv_heads % p.tp:
+        raise LayoutError(f"parallel.tp={p.tp} must divide model.n_heads={model.n_heads} "
+                          f"and model.n_kv_heads={model.kv_heads}")
+    check_vocabulary(model, p)
+    if p.cp > 1:
+        if seq_len % p.cp:
+            raise LayoutError(f"data.seq_len={seq_len} is not divisible by parallel.cp={p.cp}: every CP rank "
+                              f"holds an equal slice; use a multiple of {p.cp}")
+        local = seq_len // p.cp
+        segment = spec.segment(model)
+        if segment and local % segment[0]:
+            raise LayoutError(f"parallel.cp={p.cp} gives slices of {local} tokens, not a multiple of "
+                              f"{segment[1]}={segment[0]}: each rank must hold whole segments")
+        least = spec.cp_min_slice(model)
+        if least and local < least[0]:
+            raise LayoutError(f"parallel.cp={p.cp} gives slices of {local} tokens, fewer than {least[1]} = "
+                              f"{least[0]}: use a longer data.seq_len or a smaller cp")
+        if p.zero_stage == 3 and spec.cp_sequential(model):
+            raise LayoutError(f"parallel.zero_stage=3 cannot run parallel.cp={p.cp} with model.memory="
+                              f"{model.memory!r}: its CP ranks run one after another (memory handed rank to "
+                              f"rank) while ZeRO-3 gathers every weight with a collective, a deadlock; use "
+                              f"parallel.zero_stage <= 2")
+    if p.pp > 1:
+        if spec.pipeline == "unsupported":
+            raise LayoutError(f"parallel.pp={p.pp} does not support model.memory={model.memory!r}: "
+                              f"set parallel.pp=1")
+        if p.engine == "torch":
+            raise LayoutError(f"parallel.pp={p.pp} runs on a pipeline engine: set parallel.engine='deepspeed' "
+                              f"or 'auto'")
+        if p.pp > model.n_layers:
+            raise LayoutError(f"parallel.pp={p.pp} is more pipeline stages than model.n_layers={model.n_layers}"
+                              f" blocks: set parallel.pp <= {model.n_layers} or add layers")
+        if p.zero_stage > 1:
+            raise LayoutError(f"parallel.zero_stage={p.zero_stage} cannot run with parallel.pp={p.pp} "
+                              f"(DeepSpeed's pipeline takes ZeRO 0 or 1): set parallel.zero_stage=1")
+
+
+def check_vocabulary(model: ModelConfig, parallel: ParallelConfig) -> None:
+    """The padded vocabulary splits evenly over TP ranks (nothing to check while model.vocab_size is 0, i.e. taken
+    from the dataset later: the trainer calls this again once it is known)."""
+    if model.vocab_size and model.padded_vocab_size % parallel.tp:
+        raise LayoutError(f"parallel.tp={parallel.tp} must divide the padded vocabulary {model.padded_vocab_size} "
+                          f"(set model.vocab_pad_multiple to a multiple of {parallel.tp})")

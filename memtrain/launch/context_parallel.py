@@ -3,7 +3,7 @@
 With CP size c and a text of T tokens, rank r holds text positions r·T/c .. (r+1)·T/c − 1 (T_l = T/c of them)
 and the whole prefix (the P meta tokens, replicated and recomputed on every rank). `ContextParallel` is the
 `memtrain.model.factory.SequenceOps` the model calls (`factory.sequence = ContextParallel()`), so the model code names
-no process group. What crosses ranks (DESIGN.md §4, docs/distributed.md "Context parallel"):
+no process group. What crosses ranks (docs/distributed.md, docs/distributed.md "Context parallel"):
 
 * attention, windowed layer (W − 1 <= T_l): the halo, the last W − 1 keys and values of rank r − 1
   (`[2, B, Hkv, W − 1, Dh]`, post-rotary), point to point; its gradient goes back the same way.
@@ -18,7 +18,7 @@ no process group. What crosses ranks (DESIGN.md §4, docs/distributed.md "Contex
 
 Every rank computes its attention over the local sequence [prefix; context; own slice] with the ordinary
 kernel, its queries being [prefix queries; C zero rows; own queries] (the C context rows are dropped), so
-each backend's exact mask (DESIGN.md §3) applies unchanged. Per-rank losses are means over equal slices: the
+each backend's exact mask (docs/attention.md) applies unchanged. Per-rank losses are means over equal slices: the
 mean over CP ranks of the per-rank losses and gradients is the single-process loss and gradient.
 
 Ordering: every rank must run the same sequence of these calls (same layers, same hand-offs), and the output
@@ -33,7 +33,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from memtrain.model.config import ModelConfig
 from memtrain.model.factory import SequenceOps
 
-from .config import LayoutError
+from .config import LayoutError, ParallelConfig, check_layout
 
 __all__ = ["ContextParallel", "check_context_parallel"]
 
@@ -260,33 +260,8 @@ class ContextParallel(SequenceOps):
 
 
 def check_context_parallel(model: ModelConfig, seq_len: int, cp: int) -> None:
-    """Raise LayoutError (one line, naming the fix) when `model` cannot run `seq_len` tokens over `cp` ranks."""
+    """Raise LayoutError (one line, naming the fix) when `model` cannot run `seq_len` tokens over `cp` ranks: the
+    context-parallel rules of `check_layout` (memtrain/launch/config.py), which the trainer's config check runs."""
     if cp < 1:
         raise LayoutError(f"parallel.cp must be >= 1, got {cp}")
-    if cp == 1:
-        return
-    if seq_len % cp:
-        raise LayoutError(f"data.seq_len={seq_len} is not divisible by parallel.cp={cp}: every CP rank holds "
-                          f"an equal slice; use a multiple of {cp}")
-    local = seq_len // cp
-    if model.memory == "rmt":
-        L = model.rmt.segment_len
-        if local % L:
-            raise LayoutError(f"parallel.cp={cp} gives slices of {local} tokens, not a multiple of "
-                              f"model.rmt.segment_len={L}: each rank must hold whole segments")
-        if model.rmt.memory_replay:
-            raise LayoutError("model.rmt.memory_replay does not run with parallel.cp > 1 yet: "
-                              "set model.rmt.memory_replay=false or parallel.cp=1")
-        if model.rmt.curriculum:
-            raise LayoutError("model.rmt.curriculum shortens sequences per step, which CP slices cannot follow: "
-                              "set model.rmt.curriculum=[] or parallel.cp=1")
-    elif model.memory == "mac":
-        L = model.titans.segment_len
-        if local % L:
-            raise LayoutError(f"parallel.cp={cp} gives slices of {local} tokens, not a multiple of "
-                              f"model.titans.segment_len={L}: each rank must hold whole MAC segments")
-    elif model.memory != "none":  # lmm, mag, mal: the next rank's short conv reads this slice's last K - 1 inputs
-        K = model.titans.conv_size
-        if K and local < K - 1:
-            raise LayoutError(f"parallel.cp={cp} gives slices of {local} tokens, fewer than model.titans.conv_size"
-                              f" - 1 = {K - 1} (the conv's halo): use a longer data.seq_len or a smaller cp")
+    check_layout(model, ParallelConfig(cp=cp), seq_len)

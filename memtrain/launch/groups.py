@@ -37,12 +37,12 @@ class Layout:
     cp_rank: int = 0
 
 
-def resolve_layout(cfg: ParallelConfig, world: int, rank: int = 0, *, n_layers: int | None = None,
-                   seq_len: int | None = None) -> Layout:
+def resolve_layout(cfg: ParallelConfig, world: int, rank: int = 0) -> Layout:
     """Check that the sizes multiply to the world size and work out this rank's coordinates.
 
-    `n_layers` (the model's blocks), when given, is checked against the pipeline stages, `seq_len` (text
-    tokens per sequence) against the context-parallel size.
+    The rules that involve the model or the sequence length (stages <= layers, whole CP slices, ZeRO with a
+    pipeline, what each memory kind supports) are `memtrain.launch.config.check_layout`'s, which the config
+    check runs before any process group exists.
     """
     if cfg.tp < 1 or world % cfg.tp:
         raise LayoutError(f"parallel.tp={cfg.tp} does not divide the world size {world}: "
@@ -55,15 +55,6 @@ def resolve_layout(cfg: ParallelConfig, world: int, rank: int = 0, *, n_layers: 
         raise LayoutError(f"parallel.cp={cp} × parallel.tp={cfg.tp} × parallel.pp={pp} does not divide the world "
                           f"size {world}: launch a multiple of {cfg.tp * pp * max(cp, 1)} processes or change "
                           f"parallel.cp")
-    if seq_len is not None and seq_len % cp:
-        raise LayoutError(f"data.seq_len={seq_len} is not divisible by parallel.cp={cp}: every CP rank holds an "
-                          f"equal slice; use a multiple of {cp}")
-    if pp > 1 and cfg.zero_stage > 1:
-        raise LayoutError(f"parallel.zero_stage={cfg.zero_stage} cannot run with parallel.pp={pp} (DeepSpeed's "
-                          f"pipeline engine supports ZeRO 0 and 1 only): set parallel.zero_stage=1 or parallel.pp=1")
-    if n_layers is not None and pp > n_layers:
-        raise LayoutError(f"parallel.pp={pp} is more pipeline stages than model.n_layers={n_layers} blocks: "
-                          f"set parallel.pp <= {n_layers} or add layers")
     dp = world // (cfg.tp * pp * cp)
     if cfg.dp and cfg.dp != dp:
         raise LayoutError(f"parallel.dp={cfg.dp} × parallel.tp={cfg.tp} × parallel.cp={cp} × parallel.pp={pp} "
@@ -81,8 +72,7 @@ def world_from_env() -> tuple[int, int]:
     return int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
 
 
-def init_parallel(cfg: ParallelConfig, device: torch.device, *, n_layers: int | None = None,
-                  seq_len: int | None = None) -> Layout:
+def init_parallel(cfg: ParallelConfig, device: torch.device) -> Layout:
     """Start torch.distributed if needed and build megatron-core's TP/CP/DP/PP groups; returns the layout.
 
     megatron-core's `initialize_model_parallel(context_parallel_size=...)` builds the CP groups (it runs on
@@ -90,7 +80,7 @@ def init_parallel(cfg: ParallelConfig, device: torch.device, *, n_layers: int | 
     with_context_parallel=True)` is the group gradients are averaged over.
     """
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else world_from_env()
-    layout = resolve_layout(cfg, world, rank, n_layers=n_layers, seq_len=seq_len)
+    layout = resolve_layout(cfg, world, rank)
     if world == 1 and not dist.is_initialized():
         return layout
     if not dist.is_initialized():

@@ -1,9 +1,7 @@
-"""Pipeline parallelism: the decoder as a DeepSpeed PipelineModule, and an engine behind our interface.
+"""Pipeline parallelism: the decoder as a DeepSpeed PipelineModule (the stages; the engine that trains them is
+memtrain/train/engines/pipeline.py).
 
     pipe = build_pipeline(model, layout)               # model: DecoderLM built on every rank, same seed
-    engine = PipelineEngine(model, cfg, layout, run_dir, bf16)
-    loss = engine.train_batch(batches)                 # all micro-batches: forward, backward, update
-    norm = engine.step()                               # the gradient norm of that update
 
 Layers (DeepSpeed passes one tensor from layer to layer; see docs/pipeline.md):
 
@@ -13,9 +11,10 @@ Layers (DeepSpeed passes one tensor from layer to layer; see docs/pipeline.md):
     L+2    head                      h -> logits [B, T, V / tp]     head (norm, projection, padding mask)
     L+3    tied weight, last stage   logits -> logits               TiedLayerSpec "tokens" (tied only)
 
-The model is a DecoderLM or a TitansDecoderLM (memory lmm/mac/mag/mal: a TitansBlock runs its memory over the
-whole sequence inside its forward, from M_0, so the blocks are tensor -> tensor layers like the baseline's). RMT
-has its own schedule (memtrain/launch/rmt_pipeline.py: its memory cycles from the last stage back to the first).
+The model is any kind whose spec says `pipeline = "stages"` (memtrain/model/memory): the baseline, or Titans
+lmm/mac/mag/mal (a TitansBlock runs its memory over the whole sequence inside its forward, from M_0, so the
+blocks are tensor -> tensor layers like the baseline's). The RMT has its own schedule
+(memtrain/train/engines/rmt_pipeline.py: its memory cycles from the last stage back to the first).
 
 Every rank builds the whole DecoderLM with the same seed, so its weights are the single-process ones,
 and the PipelineModule keeps the stage's own modules (the same objects, not copies). With tied
@@ -23,13 +22,10 @@ embeddings the head keeps projecting with `embed.tokens`; the last stage registe
 DeepSpeed's tied module "tokens", so it owns the weight, its gradient is all-reduced with the first
 stage's and it is updated alike. Ranks are laid out as megatron's groups are (tp fastest, then cp, dp, pp)
 by DeepSpeed's PipeModelDataParallelTopology, whose data axis is data × context parallel. Context parallel
-inside a stage: each rank gets its slice of the sequences (`train_batch`), the blocks reach the other slices
+inside a stage: each rank gets its slice of the sequences (the engine's `train_step`), the blocks reach the other slices
 through `factory.sequence` (halo, gathered K/V, memory hand-off) exactly as without pipelining.
 """
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -37,9 +33,8 @@ from deepspeed.pipe import PipelineModule, TiedLayerSpec
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from torch import nn
 
-from memtrain.model.config import TITANS_KINDS
-from memtrain.model.titans import TitansDecoderLM
-from memtrain.model.transformer import DecoderLM
+from memtrain.model.memory import memory_spec
+from memtrain.model.transformer import DecoderLM, prepend
 
 from .config import LayoutError
 from .groups import Layout
@@ -48,18 +43,18 @@ TIED_KEY = "tokens"
 
 
 def check_pipeline_model(memory: str, pp: int) -> None:
-    """Raise LayoutError (one line) when a model of kind `memory` cannot be split into `pp` > 1 stages.
+    """Raise LayoutError (one line) when a model of kind `memory` cannot be split into `pp` > 1 DeepSpeed stages.
 
-    The baseline and the Titans models (lmm/mac/mag/mal) pipeline: a Titans block runs its memory over the whole
-    sequence inside its own forward (training starts every sequence from M_0), so only hidden states cross
-    stages. RMT does not: its memory cycles from the last stage of segment s back to the first stage of segment s+1,
-    which DeepSpeed's schedule (one pass per micro-batch) cannot express; memtrain/launch/rmt_pipeline.py runs it.
+    The kind's spec says how it pipelines (memtrain/model/memory): "stages" kinds (the baseline, the Titans
+    models, whose blocks run their memory over the whole sequence inside their own forward) pass only hidden
+    states between stages; "own" kinds (the RMT: its memory cycles from the last stage back to the first) run
+    their own schedule, `spec.pipeline_engine`, which the engine builder picks.
     """
-    if pp > 1 and memory == "rmt":
-        raise LayoutError(f"DeepSpeed's pipeline schedule cannot run model.memory='rmt' at parallel.pp={pp} (its "
-                          f"memory cycles from the last stage back to the first): use memtrain.launch.rmt_pipeline."
-                          f"RMTPipelineEngine, which the trainer picks for RMT")
-    if pp > 1 and memory != "none" and memory not in TITANS_KINDS:
+    spec = memory_spec(memory)
+    if pp > 1 and spec.pipeline == "own":
+        raise LayoutError(f"DeepSpeed's pipeline schedule cannot run model.memory={memory!r} at parallel.pp={pp}: "
+                          f"use {spec.pipeline_engine.replace(':', '.')}, which the trainer picks for it")
+    if pp > 1 and spec.pipeline != "stages":
         raise LayoutError(f"parallel.pp={pp} does not support model.memory={memory!r}: set parallel.pp=1")
 
 
@@ -82,9 +77,7 @@ class MetaPrefix(nn.Module):
         self.meta = embed.meta  # the same Parameter object (or None without meta tokens)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        if self.meta is None:
-            return h
-        return torch.cat([self.meta.to(h.dtype).unsqueeze(0).expand(h.shape[0], -1, -1), h], dim=1)
+        return prepend(self.meta, h)
 
 
 def _tied_weight_holder(module: nn.Module, logits: torch.Tensor) -> torch.Tensor:
@@ -140,8 +133,6 @@ def build_pipeline(model: DecoderLM, layout: Layout, *, activation_checkpoint_in
     evenly over stages by default (`partition_method` takes DeepSpeed's names: "parameters", "uniform", ...).
     """
     check_pipeline_model(model.cfg.memory, layout.pp)
-    if type(model) is not DecoderLM and not isinstance(model, TitansDecoderLM):
-        raise LayoutError(f"parallel.pp={layout.pp}: {type(model).__name__} has no pipeline stages: set parallel.pp=1")
     if layout.pp > model.cfg.n_layers:
         raise LayoutError(f"parallel.pp={layout.pp} is more pipeline stages than model.n_layers="
                           f"{model.cfg.n_layers} blocks: set parallel.pp <= {model.cfg.n_layers} or add layers")
@@ -181,142 +172,3 @@ def stage_parameters(pipe: PipelineModule, model: DecoderLM) -> dict[str, nn.Par
     """This stage's parameters under their DecoderLM names (the tied weight on first and last stage)."""
     named = dict(pipe.named_parameters())
     return {model_name: named[key] for key, model_name in pipeline_to_model_names(model, named).items()}
-
-
-def pipeline_grad_norm(pipe: PipelineModule, tp_group=None) -> float:
-    """Global gradient L2 norm of the whole model, the single-process number.
-
-    TP-split parameters are summed over the TP group, replicated ones (norms, meta tokens) counted once per
-    stage, the second copy of the tied weight (`ds_pipe_replicated`) not at all; stages sum over the pipe.
-    DeepSpeed's own fp32 clip counts replicated weights on one rank of the whole pipe × tp slice only.
-    """
-    from memtrain.launch.tensor_parallel import partition_dim
-    split = torch.zeros((), dtype=torch.float64)
-    replicated = torch.zeros((), dtype=torch.float64)
-    for p in pipe.parameters():
-        if p.grad is None or getattr(p, "ds_pipe_replicated", False):
-            continue
-        sq = p.grad.detach().double().pow(2).sum().cpu()
-        if partition_dim(p) is None:
-            replicated += sq
-        else:
-            split += sq
-    if tp_group is not None and dist.get_world_size(tp_group) > 1:
-        dist.all_reduce(split, group=tp_group)
-    total = split + replicated
-    grid = pipe.mpu()
-    if grid.get_pipe_parallel_world_size() > 1:
-        dist.all_reduce(total, group=grid.get_pipe_parallel_group())
-    return float(total.sqrt())
-
-
-class PipelineEngine:
-    """DeepSpeed's PipelineEngine behind the interface of memtrain.train.engine.DeepSpeedEngine, plus `train_batch`.
-
-    DeepSpeed runs every micro-batch of a step inside `train_batch` (forward, backward, gradient reduction,
-    update), so `backward(loss)` does not exist here: the trainer calls `train_batch(batches)`, then `step()`
-    for the gradient norm. ZeRO 0 or 1; with ZeRO 0 in fp32 the clip uses `pipeline_grad_norm`.
-    """
-
-    def __init__(self, model: DecoderLM, cfg, layout: Layout, run_dir: Path | None, bf16: bool, *,
-                 activation_checkpoint_interval: int | None = None):
-        import deepspeed
-
-        from memtrain.launch.deepspeed_config import deepspeed_json
-        from memtrain.train.optim import build_optimizer, build_scheduler
-
-        if cfg.parallel.zero_stage > 1:
-            raise LayoutError(f"parallel.zero_stage={cfg.parallel.zero_stage} cannot run with parallel.pp="
-                              f"{layout.pp}: set parallel.zero_stage=1 or parallel.pp=1")
-        if activation_checkpoint_interval is None:
-            activation_checkpoint_interval = getattr(cfg.parallel, "activation_checkpoint_interval", 0)
-        self.model = model
-        self.pipe = build_pipeline(model, layout, activation_checkpoint_interval=activation_checkpoint_interval)
-        optimizer = build_optimizer(self.pipe, cfg.optim)
-        scheduler = build_scheduler(optimizer, cfg.schedule)
-        self.zero_stage = cfg.parallel.zero_stage
-        self.grad_clip = cfg.optim.grad_clip
-        # ZeRO 0 in fp32: we clip (DeepSpeed's fp32 clip gets the norm wrong under PP, see pipeline_grad_norm).
-        self.own_clip = self.zero_stage == 0 and not bf16
-        self.json = deepspeed_json(micro_batch=cfg.data.batch_size, grad_accum=cfg.optim.grad_accum,
-                                   zero_stage=self.zero_stage, grad_clip=0.0 if self.own_clip else self.grad_clip,
-                                   bf16=bf16)
-        self.json["pipeline"] = {"activation_checkpoint_interval": activation_checkpoint_interval}
-        if layout.rank == 0 and run_dir is not None:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "deepspeed.json").write_text(json.dumps(self.json, indent=2))
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=self.pipe, optimizer=optimizer, lr_scheduler=scheduler, config=self.json)
-        self.module = self.engine.module  # the PipelineModule (not callable like the model: use train_batch)
-        self.tp_group = None
-        if layout.tp > 1:
-            from memtrain.launch.groups import tensor_parallel_group
-            self.tp_group = tensor_parallel_group()
-        self._norm = float("nan")
-        # context parallel: every stage gets this rank's slice of the sequences (the blocks exchange halos)
-        self._local = model.factory.sequence.local_slice if layout.cp > 1 else None
-        self._take_model_step = self.engine._take_model_step
-        self.engine._take_model_step = self._clip_then_step  # runs inside train_batch, after the reductions
-
-    def _clip_then_step(self, *args, **kwargs):
-        if self.own_clip:
-            self._norm = pipeline_grad_norm(self.pipe, self.tp_group)
-            if self.grad_clip > 0 and self._norm > self.grad_clip:
-                scale = self.grad_clip / (self._norm + 1e-6)
-                for p in self.pipe.parameters():
-                    if p.grad is not None:
-                        p.grad.mul_(scale)
-        return self._take_model_step(*args, **kwargs)
-
-    def _pairs(self, batches, tokens: int | None):
-        for b in batches:
-            x, y = (b.inputs, b.targets) if hasattr(b, "inputs") else b
-            if tokens:
-                x, y = x[:, :tokens], y[:, :tokens]
-            yield (self._local(x), self._local(y)) if self._local is not None else (x, y)
-
-    def train_batch(self, batches, tokens: int | None = None) -> float:
-        """One optimizer step over the micro-batches `batches` (objects with .inputs/.targets, or pairs);
-        returns the loss averaged over micro-batches and data (× context) parallel ranks, on every rank.
-        Batches are whole sequences: under context parallelism each rank takes its slice here."""
-        if len(batches) != self.engine.micro_batches:
-            raise ValueError(f"the pipeline engine takes {self.engine.micro_batches} micro-batches a step "
-                             f"(optim.grad_accum), got {len(batches)}")
-        loss = self.engine.train_batch(iter(list(self._pairs(batches, tokens))))
-        if not self.own_clip:
-            norm = self.engine.get_global_grad_norm()
-            self._norm = float(norm) if norm is not None else float("nan")
-        return float(loss)
-
-    @torch.no_grad()
-    def eval_batch(self, batches, tokens: int | None = None) -> float:
-        """Mean loss over `batches` (no update), averaged over data-parallel ranks, on every rank."""
-        pairs = list(self._pairs(batches, tokens))
-        return float(self.engine.eval_batch(iter(pairs), num_micro_batches=len(pairs)))
-
-    def backward(self, loss: torch.Tensor) -> None:
-        raise RuntimeError("the pipeline engine runs forward and backward together: call train_batch(batches)")
-
-    def step(self) -> float:
-        """The update already ran inside `train_batch`; report its global gradient norm."""
-        return self._norm
-
-    @property
-    def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
-
-    def model_state(self) -> dict:
-        """This stage's weights (TP shards) under DecoderLM names; merge stages by taking the union."""
-        return {name: p.detach() for name, p in stage_parameters(self.pipe, self.model).items()}
-
-    def save(self, directory: Path) -> dict:
-        from memtrain.launch.deepspeed_config import save_engine_state
-        save_engine_state(self.engine, directory)
-        return {}
-
-    def load(self, directory: Path, state: dict) -> None:
-        from memtrain.launch.deepspeed_config import load_engine_state
-        load_engine_state(self.engine, directory, LayoutError(
-            f"checkpoint {directory} holds no DeepSpeed pipeline state: resume with the same parallel.engine "
-            f"and parallel.pp"))
-

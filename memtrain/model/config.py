@@ -10,11 +10,8 @@ import math
 from dataclasses import dataclass, field
 
 from .errors import ModelConfigError
-from .rmt_config import RMTConfig
-from .titans_config import TitansConfig
-
-MEMORY_KINDS = ("none", "rmt", "lmm", "mac", "mag", "mal")
-TITANS_KINDS = ("lmm", "mac", "mag", "mal")
+from .memory.rmt.config import RMTConfig
+from .memory.titans.config import TitansConfig
 
 
 @dataclass
@@ -68,7 +65,8 @@ class ModelConfig:
     """Standard deviation of the normal initialisation; output projections are scaled by 1/sqrt(2·n_layers)."""
 
     memory: str = "none"
-    """Memory mechanism: none, rmt (Recurrent Memory Transformer), or Titans lmm, mac, mag, mal."""
+    """Memory mechanism, a registered kind (memtrain/model/memory): none, rmt (Recurrent Memory Transformer), or
+    Titans lmm, mac, mag, mal."""
 
     rmt: RMTConfig = field(default_factory=RMTConfig)
     """Recurrent Memory Transformer settings, used when memory = "rmt"."""
@@ -133,11 +131,7 @@ class ModelConfig:
         if self.attention_backend not in backends:
             raise ModelConfigError(
                 f"model.attention_backend={self.attention_backend!r} is not one of {', '.join(backends)}")
-        if self.memory not in MEMORY_KINDS:
-            raise ModelConfigError(f"model.memory={self.memory!r} is not one of {', '.join(MEMORY_KINDS)}")
-        if self.memory == "rmt":
-            self.rmt.validate(self)
-        if self.memory in TITANS_KINDS:
-            self.titans.validate(self)
+        from .memory import memory_spec
+        memory_spec(self.memory).check(self)  # the kind's own settings ([model.rmt], [model.titans], ...)
         if self.init_std <= 0:
             raise ModelConfigError(f"model.init_std must be positive, got {self.init_std}")

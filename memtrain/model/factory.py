@@ -56,7 +56,7 @@ class SequenceOps:
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_prefix: int,
                   window: int | None, backend: str) -> torch.Tensor:
-        """Prefix + causal (+ window) attention (DESIGN.md §3) over this process's positions.
+        """Prefix + causal (+ window) attention (docs/attention.md) over this process's positions.
 
         q `[B, Hq, P + T, Dh]`, k/v `[B, Hkv, P + T, Dh]` (rotary already applied) -> `[B, Hq, P + T, Dh]`.
         """

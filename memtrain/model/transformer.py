@@ -3,7 +3,7 @@
     tokens [B, T] -> Embed -> h [B, P+T, D] -> Block × L -> Head -> logits [B, T, V]
 
 Each stage takes and returns plain tensors, so the same modules can run in one process, as DeepSpeed
-pipeline `LayerSpec`s, or slice by slice under context parallelism (DESIGN.md §4). Meta tokens are
+pipeline `LayerSpec`s, or slice by slice under context parallelism (docs/distributed.md). Meta tokens are
 prepended by `Embed` and removed by `Head`; in between they are ordinary positions that every query
 may attend to.
 """
@@ -27,7 +27,15 @@ class LMOutput(NamedTuple):
     loss: torch.Tensor | None = None
     """Mean next-token loss when targets were given."""
     state: Any = None
-    """Recurrent state to pass to the next call (memory models, e.g. `memtrain.model.rmt.RMTState`); None otherwise."""
+    """Recurrent state to pass to the next call (memory models, e.g. `memtrain.model.memory.rmt.model.RMTState`); None otherwise."""
+
+
+def prepend(prefix: torch.Tensor | None, h: torch.Tensor) -> torch.Tensor:
+    """The one place the learned prefix rows enter a sequence: prefix `[P, D]` (meta tokens; None = no rows) in
+    front of h `[B, N, D]` -> `[B, P + N, D]`, in h's dtype, the same rows for every sequence of the batch."""
+    if prefix is None:
+        return h
+    return torch.cat([prefix.to(h.dtype).unsqueeze(0).expand(h.shape[0], -1, -1), h], dim=1)
 
 
 class Embed(nn.Module):
@@ -41,11 +49,7 @@ class Embed(nn.Module):
             if cfg.num_meta_tokens else None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        h = self.tokens(ids)
-        if self.meta is None:
-            return h
-        meta = self.meta.to(h.dtype).unsqueeze(0).expand(h.shape[0], -1, -1)
-        return torch.cat([meta, h], dim=1)
+        return prepend(self.meta, self.tokens(ids))
 
 
 class Head(nn.Module):
@@ -121,13 +125,15 @@ class DecoderLM(nn.Module):
         h = self.embed(tokens)
         for block in self.blocks:
             h = block(h, pos_offset=offset)
-        logits = self.head(h)
-        loss = None
-        if targets is not None:
-            loss = self.factory.cross_entropy(logits, targets).mean()
+        return self.lm_output(self.head(h), targets)
+
+    def lm_output(self, logits: torch.Tensor, targets: torch.Tensor | None, state: Any = None) -> LMOutput:
+        """The tail every kind's forward ends with: mean loss over logits `[B, T, V_local]` when targets are given,
+        and (TP = 1) the vocabulary padding columns cut from the logits returned."""
+        loss = None if targets is None else self.factory.cross_entropy(logits, targets).mean()
         if self.factory.tp_size == 1:
             logits = logits[..., : self.cfg.vocab_size]
-        return LMOutput(logits, loss)
+        return LMOutput(logits, loss, state)
 
     def num_params(self, *, embedding: bool = True) -> int:
         """Parameters on this rank (tied weights once); `embedding=False` leaves out the token embedding."""
@@ -138,11 +144,6 @@ class DecoderLM(nn.Module):
 
 
 def build_model(cfg: ModelConfig, factory: LayerFactory | None = None) -> DecoderLM:
-    """Build the model described by `cfg` with layers from `factory` (plain torch when None)."""
-    if cfg.memory in ("lmm", "mac", "mag", "mal"):
-        from .titans import TitansDecoderLM
-        return TitansDecoderLM(cfg, factory)
-    if cfg.memory == "rmt":
-        from .rmt import RMTDecoderLM
-        return RMTDecoderLM(cfg, factory)
-    return DecoderLM(cfg, factory)
+    """Build the model of kind `cfg.memory` (memtrain/model/memory) with layers from `factory` (plain when None)."""
+    from .memory import memory_spec
+    return memory_spec(cfg.memory).build(cfg, factory)

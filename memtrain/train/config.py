@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from memtrain.data.config import DataConfig
-from memtrain.launch.config import ParallelConfig
+from memtrain.launch.config import LayoutError, ParallelConfig, check_layout
 from memtrain.model.config import ModelConfig
 from memtrain.model.errors import ModelConfigError
+from memtrain.model.memory import load_plugins
 
 from .configtree import ConfigError, apply_override, build, read_toml
 
@@ -93,6 +94,10 @@ class Config:
     precision: str = "auto"
     """fp32, bf16 (DeepSpeed engine), or auto: bf16 where the device supports it, fp32 otherwise."""
 
+    plugins: list[str] = field(default_factory=list)
+    """Python modules imported before the config is checked, e.g. one that registers a memory kind of its own
+    (`register_memory`, docs/architecture.md); saved with the run, so resume and export import them too."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     """The model (memtrain/model/config.py)."""
 
@@ -117,6 +122,10 @@ class Config:
     def validate(self) -> None:
         """Check values within and across sections (the world size is checked by launch)."""
         try:
+            load_plugins(self.plugins)
+        except ModelConfigError as e:
+            raise ConfigError(str(e).replace("model.plugins", "plugins")) from None
+        try:
             self.model.validate()
         except ModelConfigError as e:
             raise ConfigError(str(e)) from None
@@ -127,7 +136,7 @@ class Config:
                            ("parallel.tp", p.tp), ("schedule.steps", self.schedule.steps),
                            ("logging.every", self.logging.every), ("checkpoint.keep", self.checkpoint.keep),
                            ("logging.eval_batches", self.logging.eval_batches),
-                           ("parallel.timeout_s", p.timeout_s), ("parallel.pp", p.pp)):
+                           ("parallel.timeout_s", p.timeout_s), ("parallel.pp", p.pp), ("parallel.cp", p.cp)):
             if value <= 0:
                 raise ConfigError(f"{key} must be positive, got {value}")
         if self.precision not in ("auto", "fp32", "bf16"):
@@ -138,43 +147,10 @@ class Config:
             raise ConfigError(f"parallel.zero_stage={p.zero_stage} must be 0, 1, 2 or 3")
         if p.zero_stage and p.engine == "torch":
             raise ConfigError(f"parallel.zero_stage={p.zero_stage} needs parallel.engine='deepspeed' (or 'auto')")
-        sequential_cp = m.memory in ("rmt", "mac") or (m.memory in ("lmm", "mag", "mal") and m.titans.memory_depth > 1)
-        if p.cp > 1 and p.zero_stage == 3 and sequential_cp:
-            raise ConfigError(f"parallel.zero_stage=3 cannot run parallel.cp={p.cp} with model.memory={m.memory!r}"
-                              f"{' (deep memory)' if m.memory not in ('rmt', 'mac') else ''}: its CP ranks run one "
-                              f"after another (memory handed rank to rank) while ZeRO-3 gathers every weight with a "
-                              f"collective, a deadlock; use parallel.zero_stage <= 2")
-        if p.pp > 1:
-            if p.engine == "torch":
-                raise ConfigError(f"parallel.pp={p.pp} runs on DeepSpeed's pipeline engine: set parallel.engine="
-                                  f"'deepspeed' or 'auto'")
-            if m.memory == "rmt":  # RMT runs its own pipeline schedule (memtrain/launch/rmt_pipeline.py, docs/pipeline.md)
-                if m.rmt.memory_replay:
-                    raise ConfigError(f"model.rmt.memory_replay cannot run with parallel.pp={p.pp} (it recomputes "
-                                      f"segments on one process): set model.rmt.memory_replay=false or parallel.pp=1")
-                if p.zero_stage:
-                    raise ConfigError(f"parallel.pp={p.pp} with model.memory='rmt' runs memtrain's RMT pipeline "
-                                      f"schedule, which has no ZeRO: set parallel.zero_stage=0")
-                if p.cp > 1:
-                    raise ConfigError(f"parallel.pp={p.pp} with parallel.cp={p.cp} cannot run model.memory='rmt' "
-                                      f"(the RMT pipeline schedule passes whole segments): set parallel.cp=1 or "
-                                      f"parallel.pp=1")
-            if p.pp > m.n_layers:
-                raise ConfigError(f"parallel.pp={p.pp} is more pipeline stages than model.n_layers={m.n_layers}")
-            if p.zero_stage > 1:
-                raise ConfigError(f"parallel.zero_stage={p.zero_stage} cannot run with parallel.pp={p.pp} "
-                                  f"(DeepSpeed's pipeline takes ZeRO 0 or 1): set parallel.zero_stage=1")
         if p.activation_checkpoint_interval < 0:
             raise ConfigError("parallel.activation_checkpoint_interval must be >= 0")
         if self.optim.grad_accum < 1:
             raise ConfigError(f"optim.grad_accum must be >= 1, got {self.optim.grad_accum}")
-        if m.memory == "rmt":
-            if m.rmt.segment_len > d.seq_len:
-                raise ConfigError(f"model.rmt.segment_len={m.rmt.segment_len} is longer than the training "
-                                  f"sequence data.seq_len={d.seq_len}")
-            if m.rmt.memory_replay and p.engine == "deepspeed":
-                raise ConfigError("model.rmt.memory_replay runs its own backward per segment: "
-                                  "set parallel.engine='torch' (it supports TP and DP)")
         if p.dp < 0:
             raise ConfigError(f"parallel.dp must be >= 0 (0 = the rest of the world size), got {p.dp}")
         if p.backend not in ("auto", "gloo", "nccl"):
@@ -183,12 +159,10 @@ class Config:
             raise ConfigError(f"data.seq_len={d.seq_len} is longer than model.max_seq_len={m.max_seq_len}")
         if m.window > d.seq_len:
             raise ConfigError(f"model.window={m.window} is larger than the sequence (data.seq_len={d.seq_len})")
-        if m.n_heads % p.tp or m.kv_heads % p.tp:
-            raise ConfigError(f"parallel.tp={p.tp} must divide model.n_heads={m.n_heads} "
-                              f"and model.n_kv_heads={m.kv_heads}")
-        if m.vocab_size and m.padded_vocab_size % p.tp:
-            raise ConfigError(f"parallel.tp={p.tp} must divide the padded vocabulary {m.padded_vocab_size} "
-                              f"(set model.vocab_pad_multiple to a multiple of {p.tp})")
+        try:
+            check_layout(m, p, d.seq_len)  # model × layout × length, every memory kind (memtrain/launch/config.py)
+        except LayoutError as e:
+            raise ConfigError(str(e)) from None
         if not 0 <= self.schedule.warmup_steps <= self.schedule.steps:
             raise ConfigError(f"schedule.warmup_steps={self.schedule.warmup_steps} must lie in "
                               f"[0, schedule.steps={self.schedule.steps}]")

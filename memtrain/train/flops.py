@@ -1,4 +1,4 @@
-"""Model FLOPs per token and the peak rate they are compared with (MFU, DESIGN.md §7).
+"""Model FLOPs per token and the peak rate they are compared with (MFU, docs/architecture.md "Measuring").
 
     FLOPs/token = 6·N_matmul + Σ_layers 6·H·(d_qk + d_v)·C_layer  (+ the memory's own work, counted by the model)
 
@@ -6,7 +6,7 @@ N_matmul counts the weights of every matrix multiply of the whole model (all TP 
 included, embedding lookups and norms excluded); 6 = 2 (multiply-add) × 3 (forward, backward for inputs
 and for weights). C_layer is the number of keys a query attends to: the sequence (plus meta tokens) in a
 global layer, window + meta tokens in a windowed one — counted over the whole sequence as PaLM does, not
-halved for causality. Per memory kind:
+halved for causality. Per memory kind (its spec in memtrain/model/memory answers):
 
 - rmt: every segment of L text tokens runs P + 2M positions more (meta, read and write memory), so the
   whole count is scaled by (P + 2M + L) / L, and C = P + 2M + L.
@@ -22,8 +22,10 @@ import time
 import torch
 from torch import nn
 
+from memtrain.model.memory import memory_spec
+
 FORMULA = ("(6*N_matmul + sum_layers 6*H*(d_qk+d_v)*C_layer) * positions_per_text_token"
-           " + titans_memory_inner_work (DESIGN.md §7; memtrain/train/flops.py)")
+           " + titans_memory_inner_work (docs/architecture.md "Measuring"; memtrain/train/flops.py)")
 
 # Dense bf16 tensor-core peaks (no sparsity) of common accelerators, FLOP/s.
 _GPU_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
@@ -47,44 +49,23 @@ def matmul_weights(model: nn.Module, tp_size: int = 1) -> int:
 
 
 def attention_keys(cfg, layer: int, seq_len: int) -> int:
-    """Keys each position of `layer` attends to, counted as PaLM does (not halved for causality)."""
-    P = cfg.num_meta_tokens
-    if cfg.memory == "rmt":
-        return P + 2 * cfg.rmt.num_memory + min(cfg.rmt.segment_len, seq_len)
-    if cfg.memory == "lmm":
-        return 0
-    if cfg.memory == "mac":
-        return P + 2 * min(cfg.titans.segment_len, seq_len)
+    """Keys each position of `layer` attends to, counted as PaLM does (not halved for causality); a memory kind
+    whose attention differs (RMT segments, MAC, LMM without attention) says so in its spec."""
+    keys = memory_spec(cfg.memory).attention_keys(cfg, layer, seq_len)
+    if keys is not None:
+        return keys
     window = cfg.layer_window(layer)
-    return (min(window, seq_len) if window else seq_len) + P
-
-
-def titans_memory_flops_per_token(cfg) -> float:
-    """Training FLOPs of the Titans memory's own update and read-out, per text token (all layers, heads)."""
-    t = cfg.titans
-    dh = t.head_dim(cfg.d_model)
-    if t.memory_depth == 1:
-        weights = dh * dh
-    else:
-        hidden = max(1, int(round(t.memory_expansion * dh)))
-        dims = [dh] + [hidden] * (t.memory_depth - 1) + [dh]
-        weights = sum(dims[i] * dims[i + 1] for i in range(t.memory_depth))
-    per_head = 8 * weights + 4 * t.chunk_size * dh
-    return 3.0 * cfg.n_layers * t.memory_heads * per_head
+    return (min(window, seq_len) if window else seq_len) + cfg.num_meta_tokens
 
 
 def flops_per_token(model: nn.Module, seq_len: int, tp_size: int = 1) -> float:
     """Training FLOPs per text token of `model` at sequence length `seq_len` (formula in FORMULA)."""
     cfg = model.cfg
+    spec = memory_spec(cfg.memory)
     attention = sum(6 * cfg.n_heads * (2 * cfg.head_dim) * attention_keys(cfg, layer, seq_len)
                     for layer in range(cfg.n_layers))
-    dense = 6.0 * matmul_weights(model, tp_size) + attention
-    if cfg.memory == "rmt":
-        L = min(cfg.rmt.segment_len, seq_len)
-        dense *= (cfg.num_meta_tokens + 2 * cfg.rmt.num_memory + L) / L
-    if cfg.memory in ("lmm", "mac", "mag", "mal"):
-        dense += titans_memory_flops_per_token(cfg)
-    return dense
+    dense = (6.0 * matmul_weights(model, tp_size) + attention) * spec.positions_per_token(cfg, seq_len)
+    return dense + spec.memory_flops_per_token(cfg)
 
 
 def peak_flops(device: torch.device, override_tflops: float = 0.0) -> tuple[float, str]:

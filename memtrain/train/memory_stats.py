@@ -4,7 +4,7 @@
     stats.active = True                    # before the forward passes of a step that logs
     scalars = stats.collect()              # {"memory/layer0/theta_mean": ..., ...}; resets and deactivates
 
-A forward hook on each block's memory (memtrain/model/titans_memory.py) sees its input x and recomputes the gates,
+A forward hook on each block's memory (memtrain/model/memory/titans/memory.py) sees its input x and recomputes the gates,
 θ, η, α = sigmoid(gates(x)) per token and memory head (`[B, n, Hl, 3]`), with the memory's own `gates` layer:
 the memory may fuse that projection with others (so a hook on `gates` alone would not fire), and calling the
 layer keeps ZeRO-3's parameter gathering in charge. Nothing runs while `active` is False (the hook returns at
@@ -59,12 +59,12 @@ class GateStats:
         self.active = False
         self.layers: list[_LayerStats] = []
         self._handles = []
-        skip_meta = getattr(model.cfg, "memory", None) != "mac" and getattr(model.cfg, "num_meta_tokens", 0) > 0
         for block in model.blocks:
+            skip_meta = bool(getattr(block, "meta_memory_call", False))
             stats = _LayerStats()
             self.layers.append(stats)
 
-            def hook(memory, args, kwargs, output, stats=stats):
+            def hook(memory, args, kwargs, output, stats=stats, skip_meta=skip_meta):
                 if not self.active:
                     return
                 state = args[1] if len(args) > 1 else kwargs.get("state")

@@ -36,32 +36,41 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig) -> to
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
 
 
-def grad_norm(params: list[nn.Parameter], tp_group=None) -> torch.Tensor:
-    """Global L2 norm of the gradients of the whole (unsplit) model, as a 0-dim fp32 tensor on their device.
+def grad_norm(params: list[nn.Parameter], tp_group=None, pipe_group=None) -> torch.Tensor:
+    """Global L2 norm of the gradients of the whole (unsplit) model, as a 0-dim tensor on their device: the
+    single-process number under every layout (the one gradient norm of every engine).
 
-    Split parameters contribute their slice on each TP rank, so their squares are summed over the TP
-    group; replicated parameters (norms, meta tokens) carry the same gradient on every TP rank and
-    count once. The result equals the TP = 1 model's norm. Per-tensor norms come from one fused
-    `_foreach_norm` (fp32 accumulation), so there is no host sync until the caller reads the value.
+    `params` holds each parameter of this rank once (a pipeline stage leaves out its second copy of a tied
+    weight). TP-split parameters contribute their slice on each TP rank, so their squares are summed over
+    `tp_group`; replicated parameters (norms, meta tokens) carry the same gradient on every TP rank and count
+    once. Pipeline stages hold disjoint parameters: their totals are summed over `pipe_group`. Per-tensor norms
+    come from one fused `_foreach_norm` in the gradients' dtype; their squares are summed in fp64 (a few scalars;
+    exact for fp64 models). Returns a 0-dim fp64 tensor; no host sync until the caller reads the value.
     """
     split = [p.grad for p in params if p.grad is not None and partition_dim(p) is not None]
     replicated = [p.grad for p in params if p.grad is not None and partition_dim(p) is None]
-    device = (split or replicated)[0].device
+    grads = split or replicated
+    device = grads[0].device if grads else torch.device("cpu")
 
     def sum_sq(grads: list[torch.Tensor]) -> torch.Tensor:
         if not grads:
-            return torch.zeros((), device=device, dtype=torch.float32)
-        return torch.stack(torch._foreach_norm(grads)).float().pow(2).sum()
+            return torch.zeros((), device=device, dtype=torch.float64)
+        return torch.stack([n.double() for n in torch._foreach_norm(grads)]).pow(2).sum()
 
     split_sq = sum_sq(split)
     if tp_group is not None and dist.get_world_size(tp_group) > 1:
         dist.all_reduce(split_sq, group=tp_group)
-    return (split_sq + sum_sq(replicated)).sqrt()
+    total = split_sq + sum_sq(replicated)
+    if pipe_group is not None and dist.get_world_size(pipe_group) > 1:
+        dist.all_reduce(total, group=pipe_group)
+    return total.sqrt()
 
 
-def clip_gradients(params: list[nn.Parameter], max_norm: float, tp_group=None) -> float:
-    """Scale gradients so their global norm is at most `max_norm` (0: no clipping); returns the norm."""
-    norm = float(grad_norm(params, tp_group))  # one host sync per step
+def clip_gradients(params: list[nn.Parameter], max_norm: float, tp_group=None, pipe_group=None, *,
+                   counted: list[nn.Parameter] | None = None) -> float:
+    """Scale the gradients of `params` so their global norm is at most `max_norm` (0: no clipping); returns the
+    norm, `grad_norm` of `counted` (default `params`; a pipeline stage counts a tied weight's copy once)."""
+    norm = float(grad_norm(params if counted is None else counted, tp_group, pipe_group))  # one host sync
     if max_norm > 0 and norm > max_norm:
         torch._foreach_mul_([p.grad for p in params if p.grad is not None], max_norm / (norm + 1e-6))
     return norm

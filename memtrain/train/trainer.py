@@ -20,13 +20,15 @@ import torch
 import torch.distributed as dist
 
 from memtrain.data.stream import build_stream
-from memtrain.launch.groups import Layout, data_context_parallel_group, data_parallel_group, init_parallel
+from memtrain.launch.groups import Layout, init_parallel
+from memtrain.launch.config import LayoutError, check_vocabulary
 from memtrain.model import LayerFactory, build_model
+from memtrain.model.memory import memory_spec
 
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError
 from .configtree import to_toml
-from .engine import build_engine
+from .engines import build_engine
 
 
 def resolve_device(name: str) -> torch.device:
@@ -79,8 +81,7 @@ class Trainer:
                  default_run_dir: str = "runs/default"):
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
-        self.layout: Layout = init_parallel(cfg.parallel, self.device, n_layers=cfg.model.n_layers,
-                                            seq_len=cfg.data.seq_len)
+        self.layout: Layout = init_parallel(cfg.parallel, self.device)  # model rules: cfg.validate
         self.is_main = self.layout.rank == 0
         self.run_dir = Path(run_dir) if run_dir else Path(_agree(default_run_dir))
         seed_everything(cfg.seed)  # same on every rank: TP shards are cut from identical full weights
@@ -91,16 +92,19 @@ class Trainer:
         elif cfg.model.vocab_size < self.stream.vocab_size:
             raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the dataset's "
                               f"vocabulary {self.stream.vocab_size}: set it to 0 to take the dataset's")
-        cfg.validate()  # again, now that the vocabulary is known
+        try:  # the one rule that waited for the vocabulary (cfg.validate ran before it was known)
+            check_vocabulary(cfg.model, cfg.parallel)
+        except LayoutError as e:
+            raise ConfigError(str(e)) from None
 
         factory = LayerFactory()
         if self.layout.tp > 1:
             from memtrain.launch.tensor_parallel import MegatronFactory
             factory = MegatronFactory()
         if self.layout.cp > 1:  # context parallel: this rank holds a slice of every sequence
-            from memtrain.launch.context_parallel import ContextParallel, check_context_parallel
-            check_context_parallel(cfg.model, cfg.data.seq_len, self.layout.cp)
+            from memtrain.launch.context_parallel import ContextParallel  # rules: cfg.validate (check_layout)
             factory.sequence = ContextParallel()
+        self.memory = memory_spec(cfg.model.memory)  # what varies by memory kind is asked of its spec
         self.model = build_model(cfg.model, factory).to(self.device)
         from .memory_stats import GateStats  # Titans gate statistics (every rank alike; rank 0 logs them)
         self.gate_stats = GateStats.attach(self.model)
@@ -182,67 +186,21 @@ class Trainer:
     # ---- one step --------------------------------------------------------------------------------
 
     def _tokens_this_step(self) -> int:
-        """Tokens of each sample used at this step (the RMT curriculum grows it; otherwise seq_len)."""
-        if self.cfg.model.memory == "rmt":
-            from memtrain.model.rmt_config import tokens_for_step
-            return tokens_for_step(self.cfg.model.rmt, self.step, self.cfg.data.seq_len)
-        return self.cfg.data.seq_len
+        """Tokens of each sample used at this step (a curriculum of the memory kind grows it; else seq_len)."""
+        curriculum = self.memory.tokens_for_step
+        if curriculum is None:
+            return self.cfg.data.seq_len
+        return curriculum(self.cfg.model, self.step, self.cfg.data.seq_len)
 
     def train_step(self, batches: list) -> tuple[float, float]:
         """One optimizer step over `grad_accum` micro-batches; returns (loss averaged over DP, grad norm)."""
-        self.model.train()
-        n = self._tokens_this_step()
-        accum = len(batches)
-        if hasattr(self.engine, "train_batch"):  # pipeline: DeepSpeed runs every micro-batch of the step itself
-            loss = self.engine.train_batch(batches, tokens=n)  # averaged over micro-batches and DP already
-            return loss, self.engine.step()
-        replay = self.cfg.model.memory == "rmt" and self.cfg.model.rmt.memory_replay
-        total = torch.zeros((), dtype=torch.float32, device=self.device)
-        for batch in batches:
-            inputs = self._local(batch.inputs[:, :n]).to(self.device)
-            targets = self._local(batch.targets[:, :n]).to(self.device)
-            if replay:
-                # memory replay runs its own segment-by-segment backward (torch engine only); it sums the
-                # micro-batches' full gradients, scaled to their mean once below
-                loss = self.model.replay_backward(inputs, targets) / accum
-            else:
-                loss = self.engine.module(inputs, targets).loss / accum
-                self.engine.backward(loss)
-            total += loss.detach().float()
-        if replay and accum > 1:
-            for p in self.model.parameters():
-                if p.grad is not None:
-                    p.grad.div_(accum)
-        norm = self.engine.step()
-        return float(self._mean_over_ranks(total)), norm  # the one host sync of the step
+        return self.engine.train_step(batches, tokens=self._tokens_this_step())
 
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean loss over the first `logging.eval_batches` batches of the val stream (same ones every time)."""
-        self.model.eval()
         stream = iter(build_stream(self.cfg.data, dp_rank=self.layout.dp_rank, dp_size=self.layout.dp, split="val"))
-        if hasattr(self.engine, "eval_batch"):  # pipeline: stages pass activations, DeepSpeed averages over DP
-            return self.engine.eval_batch([next(stream) for _ in range(self.cfg.logging.eval_batches)])
-        total = torch.zeros((), dtype=torch.float64)
-        for _ in range(self.cfg.logging.eval_batches):
-            batch = next(stream)
-            inputs, targets = self._local(batch.inputs).to(self.device), self._local(batch.targets).to(self.device)
-            total += self.engine.module(inputs, targets).loss.double().cpu()
-        total /= self.cfg.logging.eval_batches
-        return float(self._mean_over_ranks(total))
-
-    def _local(self, x: torch.Tensor) -> torch.Tensor:
-        """This rank's part of a `[B, T]` batch: its context-parallel slice of T (all of it without CP)."""
-        return self.model.factory.sequence.local_slice(x) if self.layout.cp > 1 else x
-
-    def _mean_over_ranks(self, total: torch.Tensor) -> torch.Tensor:
-        """Mean of a per-rank loss over DP (different batches) and CP (equal slices of the same batch)."""
-        n = self.layout.dp * self.layout.cp
-        if n > 1:
-            group = data_context_parallel_group() if self.layout.cp > 1 else data_parallel_group()
-            dist.all_reduce(total, group=group)
-            total /= n
-        return total
+        return self.engine.eval_loss([next(stream) for _ in range(self.cfg.logging.eval_batches)])
 
     # ---- the loop --------------------------------------------------------------------------------
 
@@ -294,15 +252,15 @@ class Trainer:
             lr = self.engine.lr  # the rate this step uses (the schedule moves on inside the step)
             if self.gate_stats is not None:  # collected only on the steps whose scalars reach tensorboard
                 self.gate_stats.active = (self.step + 1) % cfg.logging.every == 0 or self.step + 1 == total
+            n = self._tokens_this_step()  # of this step (a curriculum moves it with the step)
             loss, norm = self.train_step(batches)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss} at step {self.step}: lower optim.lr or check the data")
             self.step += 1
             now = time.perf_counter()
-            tokens = cfg.data.batch_size * self._tokens_this_step() * self.layout.dp * cfg.optim.grad_accum
+            tokens = cfg.data.batch_size * n * self.layout.dp * cfg.optim.grad_accum
             tok_s = tokens / max(now - t_last, 1e-9)
             t_last = now
-            n = self._tokens_this_step()
             if n not in flops:
                 flops[n] = flops_per_token(self.model, n, self.layout.tp)
             mfu = tok_s * flops[n] / (peak * self.layout.world)

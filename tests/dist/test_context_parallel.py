@@ -37,7 +37,7 @@ TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 def _config(case: str):
     from memtrain.model import ModelConfig
-    from memtrain.model.rmt_config import RMTConfig
+    from memtrain.model.memory.rmt.config import RMTConfig
     kw = {**BASE, **CASES[case]}
     if "rmt" in kw:
         kw["rmt"] = RMTConfig(**kw["rmt"])
@@ -107,7 +107,7 @@ def _model_rank(rank: int, world: int) -> dict:
     from memtrain.launch.groups import init_parallel
     from megatron.core import parallel_state
 
-    layout = init_parallel(ParallelConfig(cp=world), torch.device("cpu"), seq_len=T)
+    layout = init_parallel(ParallelConfig(cp=world), torch.device("cpu"))
     assert (layout.cp, layout.cp_rank, layout.dp) == (world, rank, 1)
     assert parallel_state.get_context_parallel_rank() == rank
     assert parallel_state.get_data_parallel_world_size() == 1  # CP peers are not data parallel
@@ -227,10 +227,10 @@ def _train_rank(rank: int, world: int) -> dict:
     from memtrain.launch.groups import init_parallel, resolve_layout
     from megatron.core import parallel_state
     from memtrain.model import LayerFactory, build_model
-    from memtrain.train.engine import build_engine
+    from memtrain.train.engines import build_engine
 
     if not parallel_state.model_parallel_is_initialized():
-        init_parallel(ParallelConfig(cp=world), torch.device("cpu"), seq_len=T)
+        init_parallel(ParallelConfig(cp=world), torch.device("cpu"))
     results = {}
     for case in TRAIN_CASES:
         gen = torch.Generator().manual_seed(7)
@@ -239,7 +239,7 @@ def _train_rank(rank: int, world: int) -> dict:
         steps = {}
         for cp, zero in ((1, None), (world, None), *((world, z) for z in ZERO_CASES[case])):
             cfg = _train_config(case, cp, zero)
-            layout = resolve_layout(cfg.parallel, cp, rank if cp > 1 else 0, seq_len=T)
+            layout = resolve_layout(cfg.parallel, cp, rank if cp > 1 else 0)
             factory = LayerFactory()
             if cp > 1:
                 factory.sequence = ContextParallel()
@@ -307,7 +307,7 @@ def test_cp2_titans_memory_ops_match_single_process():
 def test_cp_layout_order_and_errors():
     from megatron.core.parallel_state import RankGenerator
 
-    from memtrain.launch.config import LayoutError, ParallelConfig
+    from memtrain.launch.config import LayoutError, ParallelConfig, check_layout
     from memtrain.launch.context_parallel import check_context_parallel
     from memtrain.launch.groups import resolve_layout
     from memtrain.train.config import ConfigError
@@ -324,7 +324,7 @@ def test_cp_layout_order_and_errors():
 
     bad = [
         (lambda: resolve_layout(ParallelConfig(cp=3), 4), "parallel.cp=3"),
-        (lambda: resolve_layout(ParallelConfig(cp=2), 2, seq_len=15), "data.seq_len=15"),
+        (lambda: check_layout(_config("meta_halo_global"), ParallelConfig(cp=2), 15), "data.seq_len=15"),
         (lambda: check_context_parallel(_config("rmt"), 20, 2), "model.rmt.segment_len=4"),
         # ranks handing memory one after another cannot meet ZeRO-3's per-weight all-gathers (a deadlock)
         (lambda: _train_config("titans_mac", 2, 3), "parallel.zero_stage=3"),

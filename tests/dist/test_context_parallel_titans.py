@@ -35,7 +35,7 @@ CASES = {
 
 def _config(case: str):
     from memtrain.model import ModelConfig
-    from memtrain.model.titans_config import TitansConfig
+    from memtrain.model.memory.titans.config import TitansConfig
     kw = {**BASE, **CASES[case]}
     # θ 0.1 (default 0.001): the memory moves enough that a wrong hand-off shows in fp32 too
     kw["titans"] = TitansConfig(**{"memory_heads": 2, "conv_size": 4, "theta_init": 0.1, **kw["titans"]})

@@ -39,7 +39,7 @@ def _one_step(cfg, layout, device=torch.device("cpu"), batch=None):
     `[GLOBAL_BATCH, T]`, default `_batch()`); return this rank's loss, the norm and the full updated weights."""
     from memtrain.launch.tensor_parallel import MegatronFactory, gather_full
     from memtrain.model import LayerFactory, build_model
-    from memtrain.train.engine import build_engine
+    from memtrain.train.engines import build_engine
     from memtrain.train.flops import flops_per_token
 
     torch.manual_seed(0)

@@ -78,7 +78,7 @@ def memory_ranks(rank: int, world: int, cases: list[tuple]) -> dict:
         kind, tp, pp, zero, accum, interval, *cp = case
         cp = cp[0] if cp else 1
         cfg = _config(kind, tp=tp, pp=pp, zero=zero, accum=accum, dp=world // (tp * pp * cp), cp=cp)
-        layout = init_parallel(cfg.parallel, torch.device("cpu"), n_layers=cfg.model.n_layers, seq_len=SEQ)
+        layout = init_parallel(cfg.parallel, torch.device("cpu"))
         if pp > 1:
             results[case] = _pipeline_step(cfg, layout, interval, batch=_batch())
         else:

@@ -53,7 +53,8 @@ def _model(cfg, layout):
 def _pipeline_step(cfg, layout, interval: int, ckpt_dir: str | None = None, batch=None) -> dict:
     """One pipeline-engine step on this rank's share of `batch` (default `_batch()`): loss, the initial
     weights' eval loss, norm and this stage's updated weights (TP shards gathered) under DecoderLM names."""
-    from memtrain.launch.pipeline import PipelineEngine, stage_parameters
+    from memtrain.launch.pipeline import stage_parameters
+    from memtrain.train.engines.pipeline import PipelineEngine
     from memtrain.launch.tensor_parallel import gather_full
 
     model = _model(cfg, layout)
@@ -63,9 +64,8 @@ def _pipeline_step(cfg, layout, interval: int, ckpt_dir: str | None = None, batc
     rows = slice(layout.dp_rank * per_rank, (layout.dp_rank + 1) * per_rank)
     accum = cfg.optim.grad_accum
     batches = list(zip(inputs[rows].chunk(accum), targets[rows].chunk(accum)))
-    eval_loss = engine.eval_batch(batches)  # the initial weights' loss, no update
-    loss = engine.train_batch(batches)
-    norm = engine.step()
+    eval_loss = engine.eval_loss(batches)  # the initial weights' loss, no update
+    loss, norm = engine.train_step(batches)
     params = {name: gather_full(p.detach(), p) for name, p in stage_parameters(engine.pipe, model).items()}
     result = {"loss": loss, "eval_loss": eval_loss, "norm": norm, "params": params, "stage": layout.pp_rank}
     if ckpt_dir is not None:  # DeepSpeed's pipeline checkpoint restores the stage into a fresh engine
@@ -90,7 +90,7 @@ def _ranks(rank: int, world: int, cases: list[tuple], ckpt_dir: str | None = Non
         pp, tp, zero, accum, interval, tied, *cp = case
         cp = cp[0] if cp else 1
         cfg = _config(pp=pp, tp=tp, zero=zero, accum=accum, dp=world // (pp * tp * cp), tied=tied, cp=cp)
-        layout = init_parallel(cfg.parallel, torch.device("cpu"), n_layers=cfg.model.n_layers, seq_len=SEQ)
+        layout = init_parallel(cfg.parallel, torch.device("cpu"))
         results[case] = _pipeline_step(cfg, layout, interval, ckpt_dir if i == 0 else None)
         parallel_state.destroy_model_parallel()  # the next case may want another layout
     return results
@@ -98,7 +98,7 @@ def _ranks(rank: int, world: int, cases: list[tuple], ckpt_dir: str | None = Non
 
 def _reference(tied: bool) -> dict:
     from memtrain.launch.groups import resolve_layout
-    from memtrain.train.engine import build_engine
+    from memtrain.train.engines import build_engine
     cfg = _config(engine="torch", tied=tied)
     layout = resolve_layout(cfg.parallel, 1)
     torch.manual_seed(0)
@@ -200,10 +200,15 @@ def test_mac_pp2_by_tp2_or_cp2_reproduces_single_process(four_ranks, index):
     (dict(pp=2, dp=4), 4, None, "parallel.dp"),                 # sizes do not multiply to the world
 ])
 def test_bad_pipeline_layouts_are_one_line_errors(overrides, world, n_layers, key):
-    from memtrain.launch.config import ParallelConfig
+    """Each rule is checked once: the world-size arithmetic by `resolve_layout`, the rules that involve the
+    model (stages <= layers, ZeRO with a pipeline) by `check_layout`."""
+    from memtrain.launch.config import ParallelConfig, check_layout
     from memtrain.launch.groups import LayoutError, resolve_layout
+    from memtrain.model import ModelConfig
+    parallel = ParallelConfig(**overrides)
     with pytest.raises(LayoutError) as info:
-        resolve_layout(ParallelConfig(**overrides), world, n_layers=n_layers)
+        resolve_layout(parallel, world)
+        check_layout(ModelConfig(vocab_size=64, n_layers=n_layers or 4), parallel, seq_len=64)
     assert key in str(info.value) and "\n" not in str(info.value)
 
 
@@ -215,7 +220,7 @@ def test_rank_order_matches_megatron_and_deepspeed():
     from memtrain.launch.groups import resolve_layout
     topo = PipeModelDataParallelTopology(num_pp=2, num_mp=2, num_dp=3)
     for rank in range(12):
-        layout = resolve_layout(ParallelConfig(tp=2, pp=2), 12, rank, n_layers=4)
+        layout = resolve_layout(ParallelConfig(tp=2, pp=2), 12, rank)
         coord = topo.get_coord(rank)
         assert (layout.pp_rank, layout.dp_rank, layout.tp_rank) == (coord.pipe, coord.data, coord.model)
         assert layout.dp == 3 and layout.pp == 2

@@ -4,7 +4,7 @@ The comparison of tests/dist/test_pipeline.py for `model.memory = "rmt"`: 3 bloc
 the windowed layers take the split write attention), 2 meta tokens, 3 memory tokens, segments of 4 tokens,
 tied embeddings; every rank builds the model with the same seed, takes its data-parallel rows of one global
 batch of 12 sequences, splits them into micro-batches and runs one AdamW step (lr 1e-3, clipping active).
-Loss (also `eval_batch` before the step), gradient norm (relative) and every updated weight must match the
+Loss (also `eval_loss` before the step), gradient norm (relative) and every updated weight must match the
 torch engine's single-process step, the stages together must cover the whole model, and the tied embedding
 must be bit-identical on first and last stage. Sequences of 12 tokens (3 full segments) or, through the
 curriculum's `tokens=11`, 2 full segments and a partial one that writes no memory.
@@ -85,7 +85,7 @@ def _model(cfg, tp: int, dtype: torch.dtype, seed: int = 0):
 
 def _pipeline_step(cfg, layout, case: Case, ckpt: bool) -> dict:
     """Eval loss, then one step on this rank's rows; this stage's updated weights (TP shards gathered)."""
-    from memtrain.launch.rmt_pipeline import RMTPipelineEngine
+    from memtrain.train.engines.rmt_pipeline import RMTPipelineEngine
     from memtrain.launch.tensor_parallel import gather_full
 
     dtype = torch.float64 if case.fp64 else torch.float32
@@ -95,9 +95,8 @@ def _pipeline_step(cfg, layout, case: Case, ckpt: bool) -> dict:
     per_rank = GLOBAL_BATCH // layout.dp
     rows = slice(layout.dp_rank * per_rank, (layout.dp_rank + 1) * per_rank)
     batches = list(zip(inputs[rows].chunk(case.accum), targets[rows].chunk(case.accum)))
-    eval_loss = engine.eval_batch(batches, tokens=case.tokens)
-    loss = engine.train_batch(batches, tokens=case.tokens)
-    norm = engine.step()
+    eval_loss = engine.eval_loss(batches, tokens=case.tokens)
+    loss, norm = engine.train_step(batches, tokens=case.tokens)
     params = {name: gather_full(p.detach(), p).clone() for name, p in engine.named.items()}
     result = {"loss": loss, "eval_loss": eval_loss, "norm": norm, "params": params, "stage": layout.pp_rank}
     if ckpt:  # the stage's weights, optimizer and schedule restored into a fresh engine take the same next step
@@ -107,7 +106,7 @@ def _pipeline_step(cfg, layout, case: Case, ckpt: bool) -> dict:
         state = torch.load(buffer, weights_only=False)
         fresh = RMTPipelineEngine(_model(cfg, layout.tp, dtype, seed=1), cfg, layout, run_dir=None, bf16=False)
         fresh.load(None, state)
-        losses = [e.train_batch(batches, tokens=case.tokens) for e in (engine, fresh)]
+        losses = [e.train_step(batches, tokens=case.tokens)[0] for e in (engine, fresh)]
         result["restored"] = (losses, (engine.lr, fresh.lr), max(
             float((a - b).abs().max()) for a, b in zip(engine.model_state().values(), fresh.model_state().values())))
     return result
@@ -120,7 +119,7 @@ def _ranks(rank: int, world: int, names: list[str]) -> dict:
     results = {}
     for i, name in enumerate(names):
         cfg = _config(CASES[name], pp=2)
-        layout = init_parallel(cfg.parallel, torch.device("cpu"), n_layers=cfg.model.n_layers)
+        layout = init_parallel(cfg.parallel, torch.device("cpu"))
         results[name] = _pipeline_step(cfg, layout, CASES[name], ckpt=i == 0)
         parallel_state.destroy_model_parallel()  # the next case may want another layout
     return results
@@ -129,7 +128,7 @@ def _ranks(rank: int, world: int, names: list[str]) -> dict:
 def _reference(case: Case) -> dict:
     """One torch-engine step in this process on the whole batch; the norm in fp64 from the gradients."""
     from memtrain.launch.groups import resolve_layout
-    from memtrain.train.engine import build_engine
+    from memtrain.train.engines import build_engine
     cfg = _config(case, pp=1)
     model = _model(cfg, 1, torch.float64 if case.fp64 else torch.float32)
     engine = build_engine(model, cfg, resolve_layout(cfg.parallel, 1), run_dir=None, device=torch.device("cpu"))
@@ -242,7 +241,7 @@ def test_segment_pieces_compose_run_segment():
 def test_unsupported_settings_are_one_line_errors(change, key):
     from memtrain.launch.config import LayoutError
     from memtrain.launch.groups import Layout
-    from memtrain.launch.rmt_pipeline import RMTPipelineEngine
+    from memtrain.train.engines.rmt_pipeline import RMTPipelineEngine
     cfg = _config(Case(), pp=1)
     if "zero_stage" in change:
         cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, zero_stage=1))

@@ -22,7 +22,7 @@ DTYPES = (torch.float64, torch.float32)
 
 def _config(case: str):
     from memtrain.model import ModelConfig
-    from memtrain.model.rmt_config import RMTConfig
+    from memtrain.model.memory.rmt.config import RMTConfig
     kw = dict(CASES[case])
     rmt = RMTConfig(**{**dict(segment_len=5, num_memory=2), **kw.pop("rmt")})
     base = dict(vocab_size=100, vocab_pad_multiple=64, d_model=32, n_layers=2, n_heads=4, ffn_hidden=48,

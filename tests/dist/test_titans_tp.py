@@ -24,7 +24,7 @@ SPLIT = 8  # first call 8 tokens, second 9: not aligned to the segment (5) or ch
 
 def _config(case: str):
     from memtrain.model import ModelConfig
-    from memtrain.model.titans_config import TitansConfig
+    from memtrain.model.memory.titans.config import TitansConfig
     kw = dict(CASES[case])
     titans = TitansConfig(segment_len=5, chunk_size=3, memory_depth=kw.pop("depth"), memory_heads=4,
                           conv_size=kw.pop("conv_size", 3))

@@ -1,4 +1,4 @@
-"""Every attention backend equals the reference (DESIGN.md §3) in output and in the gradients of q, k and v.
+"""Every attention backend equals the reference (docs/attention.md) in output and in the gradients of q, k and v.
 
 fp64 comparisons use 1e-10: an off-by-one in the mask changes outputs by ~1e-2 (see test_tolerance_can_fail).
 """

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from memtrain.model import ModelConfig, build_model
-from memtrain.model.rmt_config import RMTConfig
-from memtrain.model.titans_config import TitansConfig
+from memtrain.model.memory.rmt.config import RMTConfig
+from memtrain.model.memory.titans.config import TitansConfig
 from memtrain.train.config import Config
 from memtrain.train.hf import convert
 from memtrain.train.hf.configuration_memtrain import MemtrainConfig

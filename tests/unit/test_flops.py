@@ -1,4 +1,4 @@
-"""FLOP counting for MFU: the formula of DESIGN.md §7 on a model whose numbers are easy to count by hand."""
+"""FLOP counting for MFU: the formula of docs/architecture.md "Measuring" on a model whose numbers are easy to count by hand."""
 from __future__ import annotations
 
 import torch
@@ -35,7 +35,7 @@ def test_memory_models_count_their_extra_work():
                 attention_backend="reference")
     plain = build_model(ModelConfig(**base))
     T = 64
-    from memtrain.model.rmt_config import RMTConfig
+    from memtrain.model.memory.rmt.config import RMTConfig
     rmt = build_model(ModelConfig(**base, memory="rmt", rmt=RMTConfig(segment_len=16, num_memory=3)))
     per_pos = 6 * matmul_weights(rmt) + 2 * 6 * 4 * 16 * (2 + 2 * 3 + 16)
     assert flops_per_token(rmt, T) == per_pos * (2 + 2 * 3 + 16) / 16

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from memtrain.kernels.attention.reference import build_mask, repeat_kv
 from memtrain.model.config import ModelConfig
 from memtrain.model.layers import apply_rotary, rotary_tables
-from memtrain.model.rmt_config import RMTConfig
+from memtrain.model.memory.rmt.config import RMTConfig
 from memtrain.model.transformer import build_model
 from memtrain.train.inspect import attention_maps, registers
 from memtrain.train.inspect.capture import Pass, Trace, probe_probs, run_captured

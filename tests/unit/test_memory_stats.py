@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from memtrain.model import ModelConfig, build_model
-from memtrain.model.titans_config import TitansConfig
+from memtrain.model.memory.titans.config import TitansConfig
 from memtrain.train.memory_stats import GateStats
 
 

@@ -1,5 +1,5 @@
 """Recurrent Memory Transformer: layout against a dense-mask unrolled loop, truncated BPTT, memory replay,
-chained calls, generation, causality in every mode, bad settings (DESIGN.md §1, issue 4)."""
+chained calls, generation, causality in every mode, bad settings (docs/rmt.md, issue 4)."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,8 +10,8 @@ import torch
 
 from memtrain.kernels.attention.reference import masked_attention
 from memtrain.model import ModelConfig, ModelConfigError, build_model
-from memtrain.model.rmt import RMTDecoderLM, RMTState
-from memtrain.model.rmt_config import RMTConfig
+from memtrain.model.memory.rmt.model import RMTDecoderLM, RMTState
+from memtrain.model.memory.rmt.config import RMTConfig
 
 V = 97
 MODES = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from memtrain.model.errors import ModelConfigError
-from memtrain.model.rmt import RMTConfig, segments_for_step, tokens_for_step
+from memtrain.model.memory.rmt.model import RMTConfig, segments_for_step, tokens_for_step
 
 SCHEDULE = [[0, 1], [100, 2], [200, 4], [300, 8]]
 

@@ -1,4 +1,4 @@
-"""Titans models (memtrain/model/titans.py): state across pieces, token-by-token decoding, causality, shapes, bad input.
+"""Titans models (memtrain/model/memory/titans/model.py): state across pieces, token-by-token decoding, causality, shapes, bad input.
 
 fp64 throughout where the statement is exact. Note that the plain model's RMSNorm and rotary work in fp32 even for
 fp64 inputs (memtrain/model/layers.py), so "exact" here means: the same values through different call splits, to 1e-10
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from memtrain.model import LayerFactory, ModelConfig, ModelConfigError, build_model
-from memtrain.model.titans import TitansDecoderLM, TitansState
-from memtrain.model.titans_config import TitansConfig
+from memtrain.model.memory.titans.model import TitansDecoderLM, TitansState
+from memtrain.model.memory.titans.config import TitansConfig
 
 KINDS = ("lmm", "mal", "mag", "mac")
 T = 23
@@ -186,7 +186,7 @@ def _memory_reference(mem, x, state):
     import torch.nn.functional as F
 
     from memtrain.kernels.titans import deep_memory, linear_memory
-    from memtrain.model.titans_memory import MemoryState
+    from memtrain.model.memory.titans.memory import MemoryState
 
     B, n, _ = x.shape
     Hl, Dh = mem.heads, mem.head_dim
@@ -215,7 +215,7 @@ def _mac_reference(block, h, state, seen):
     from memtrain.kernels.attention import attention
     from memtrain.kernels.attention.reference import repeat_kv
     from memtrain.model.layers import rotary_tables
-    from memtrain.model.titans import _out, _qkv
+    from memtrain.model.memory.titans.model import _out, _qkv
 
     def _masked(q, k, v, mask):  # plain softmax attention (the deep reference kernel differentiates twice)
         g = q.shape[1] // k.shape[1]
@@ -255,7 +255,7 @@ def test_mac_fast_path_equals_plain_segment_loop(depth, meta, monkeypatch):
     """The MAC block's fast path (fused single-device projections, retrieved keys/values through the folded
     out·k/v matrix, shifted-sum conv, output projection batched over segments, chunked kernel) equals the plain
     per-segment loop with the reference kernel: logits and every parameter gradient, fp64."""
-    from memtrain.model.titans import TitansBlock
+    from memtrain.model.memory.titans.model import TitansBlock
 
     model, tokens = _model("mac", depth, num_meta_tokens=meta), _tokens(2, 16)  # segments 7 + 7 + 2, chunks of 4
     probe = torch.randn(2, 16, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(3))

@@ -5,7 +5,7 @@
 
 q ``[B, Hq, N, D]``, k/v ``[B, Hkv, N, D]`` with Hq a multiple of Hkv; returns ``[B, Hq, N, D]``; softmax scale
 1/sqrt(D). The first P positions are prefix tokens. Key j is visible to query i iff j < P, or P <= j <= i and
-(W is None or i - j < W) (DESIGN.md §3): prefix queries see the whole prefix and no text.
+(W is None or i - j < W) (docs/attention.md): prefix queries see the whole prefix and no text.
 
 Backends (all equal to ``reference``; see docs/attention.md for speed and memory):
     reference  dense N x N mask, plain torch, float64: the spec (reference.py)

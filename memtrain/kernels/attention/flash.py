@@ -1,6 +1,6 @@
 """Prefix attention from an (out, log-sum-exp) attention primitive: flash-attn on CUDA, testable on CPU.
 
-flash-attn has no mask argument, so the mask of DESIGN.md §3 is cut into pieces it runs natively:
+flash-attn has no mask argument, so the mask of docs/attention.md is cut into pieces it runs natively:
 
 * prefix rows    (queries i < P):  prefix keys, non-causal;
 * text rows      (queries i >= P): (a) prefix keys, non-causal, and (b) text keys, causal with window_size
@@ -16,7 +16,7 @@ flash-attn's autograd drops the gradient of its log-sum-exp output.
 
 The logic is written against a small ``Primitive`` interface (forward -> (out, lse); backward given out/lse), with
 three implementations: ``FlashAttnPrimitive`` (flash-attn, CUDA, fp16/bf16), ``CpuFlashPrimitive``
-(``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward, DESIGN.md §8) and ``ReferencePrimitive``
+(``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward, docs/distributed.md "What runs on a CPU") and ``ReferencePrimitive``
 (plain torch, float64), so the merge and the backward are tested on CPU.
 """
 from __future__ import annotations
@@ -92,7 +92,7 @@ def _sum_groups(x, g):
 
 
 class CpuFlashPrimitive:
-    """``aten._scaled_dot_product_flash_attention_for_cpu`` (+ its backward): returns lse on CPU (DESIGN.md §8).
+    """``aten._scaled_dot_product_flash_attention_for_cpu`` (+ its backward): returns lse on CPU (docs/distributed.md "What runs on a CPU").
 
     It has no window argument, so a windowed causal piece passes an explicit mask: fine for tests, not fast.
     """

@@ -3,14 +3,14 @@
 FlexAttention skips every (query block, key block) tile that the block mask marks empty and evaluates the
 ``mask_mod`` only on partially visible tiles, so work is O(N * (P + W)) with a window and no N x N tensor exists.
 
-The block mask is built here analytically from the structure of the mask (DESIGN.md §3) at tile granularity,
+The block mask is built here analytically from the structure of the mask (docs/attention.md) at tile granularity,
 O((N / 128)^2) integers, instead of by ``create_block_mask``: that function either evaluates ``mask_mod`` on the
 full N x N grid (``_compile=False``: an N^2 boolean tensor, 256 MB at N = 16k) or compiles that evaluation
 (``_compile=True``: ~10 s per shape on CPU). ``tests/kernels/test_attention.py`` checks the tiles against
 ``create_block_mask`` on small shapes.
 
 Limits (torch 2.13): on CPU, forward only (the backward raises NotImplementedError "does not support backward on
-CPU", DESIGN.md §8) and float32 / float16 / bfloat16 only (no float64). On CUDA, forward and backward.
+CPU", docs/distributed.md "What runs on a CPU") and float32 / float16 / bfloat16 only (no float64). On CUDA, forward and backward.
 The first call for a new shape compiles (seconds); compiled code and block masks are cached.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ CPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def make_mask_mod(num_prefix: int, window: int | None):
-    """``mask_mod(b, h, q_idx, kv_idx)`` for DESIGN.md §3, evaluated by FlexAttention on partial tiles only."""
+    """``mask_mod(b, h, q_idx, kv_idx)`` for docs/attention.md, evaluated by FlexAttention on partial tiles only."""
     P = num_prefix
 
     def mask_mod(b, h, q_idx, kv_idx):

@@ -1,6 +1,6 @@
 """Reference attention with prefix tokens: a dense mask and plain torch. This file is the spec.
 
-Sequence = P prefix positions then T text positions, N = P + T (DESIGN.md §3). Key j is visible to query i iff
+Sequence = P prefix positions then T text positions, N = P + T (docs/attention.md). Key j is visible to query i iff
 
     j < P                                          (prefix keys: visible to every query)
     or  P <= j <= i  and  (W is None or i - j < W)  (causal text keys, optional sliding window W)

@@ -1,6 +1,6 @@
 """Prefix attention on ``torch.nn.functional.scaled_dot_product_attention`` without any N x N mask.
 
-The mask of DESIGN.md §3 (see ``reference.py``) splits into pieces that SDPA runs natively:
+The mask of docs/attention.md (see ``reference.py``) splits into pieces that SDPA runs natively:
 
 * prefix queries (i < P) see exactly the prefix keys, bidirectionally: one unmasked SDPA call of size P x P;
 * text queries without a window (or with a window that covers all text, W >= T) see every key j <= i: that is
@@ -97,7 +97,7 @@ def attention_sdpa(
     window: int | None = None,
     block: int = DEFAULT_BLOCK,
 ) -> torch.Tensor:
-    """q ``[B, Hq, N, D]``, k/v ``[B, Hkv, N, D]`` -> ``[B, Hq, N, D]``; the mask of DESIGN.md §3 without N x N."""
+    """q ``[B, Hq, N, D]``, k/v ``[B, Hkv, N, D]`` -> ``[B, Hq, N, D]``; the mask of docs/attention.md without N x N."""
     P = num_prefix
     T = q.shape[2] - P
     parts = []

@@ -1,4 +1,4 @@
-"""Titans neural long-term memory kernels (DESIGN.md §2).
+"""Titans neural long-term memory kernels (docs/titans_kernels.md "The memory, exactly").
 
 Public ops (fla house style: :mod:`.reference` is the spec, fast paths must match it in fp64):
 

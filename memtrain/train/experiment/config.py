@@ -12,10 +12,12 @@ from pathlib import Path
 
 from memtrain.model.config import ModelConfig
 from memtrain.model.errors import ModelConfigError
+from memtrain.model.memory import memory_spec
 
 from ..configtree import ConfigError, apply_override, build, read_toml
 
-VARIANTS = ("window", "meta", "rmt", "lmm", "mac", "mag", "mal")
+BASELINES = ("window", "meta")  # no memory: a sliding window alone, and the window with meta tokens
+VARIANTS = (*BASELINES, "rmt", "lmm", "mac", "mag", "mal")  # the others name memory kinds (memtrain/model/memory)
 """window: the sliding-window baseline; meta: the same plus `meta_tokens` meta tokens; the rest: model.memory."""
 TASKS = ("niah_single", "qa1", "qa2", "qa3")
 
@@ -147,24 +149,26 @@ class LongContextConfig:
             ms = getattr(self, name)
             if (name == "eval_multiples" and not ms) or any(m < 1 for m in ms) or ms != sorted(set(ms)):
                 raise ConfigError(f"{name} must be increasing whole multiples of train_len (>= 1), got {ms}")
-        if self.model.memory != "none" or self.model.num_meta_tokens:
+        if self.model.memory != variant_memory(BASELINES[0]) or self.model.num_meta_tokens:
             raise ConfigError("model.memory must be \"none\" and model.num_meta_tokens 0 in the base model: "
                               "the variants set them (list them in `variants`)")
         m = self.model
-        if "rmt" in self.variants and self.train_len % m.rmt.segment_len:
-            raise ConfigError(f"train_len={self.train_len} is not a multiple of model.rmt.segment_len="
-                              f"{m.rmt.segment_len}; make it one so every training example is whole segments")
-        if "mac" in self.variants and self.train_len % m.titans.segment_len:
-            raise ConfigError(f"train_len={self.train_len} is not a multiple of model.titans.segment_len="
-                              f"{m.titans.segment_len}; make it one")
-        if self.eval_piece % m.titans.chunk_size or ("rmt" in self.variants and self.eval_piece % m.rmt.segment_len):
-            raise ConfigError(f"eval_piece={self.eval_piece} must be a multiple of model.titans.chunk_size and "
-                              f"model.rmt.segment_len")
+        if self.eval_piece % m.titans.chunk_size:
+            raise ConfigError(f"eval_piece={self.eval_piece} must be a multiple of model.titans.chunk_size="
+                              f"{m.titans.chunk_size}")
+        for v in self.variants:  # a kind that runs in segments trains and evaluates on whole segments
+            segment = memory_spec(variant_memory(v)).segment(m)
+            if segment and self.train_len % segment[0]:
+                raise ConfigError(f"train_len={self.train_len} is not a multiple of {segment[1]}={segment[0]}; "
+                                  f"make it one so every training example is whole segments ({v})")
+            if segment and self.eval_piece % segment[0]:
+                raise ConfigError(f"eval_piece={self.eval_piece} must be a multiple of {segment[1]}={segment[0]} "
+                                  f"({v})")
         if m.window and m.window >= self.train_len:
             raise ConfigError(f"model.window={m.window} must be below train_len={self.train_len}: the baseline "
                               f"must not see the whole training example")
         if self.train.curriculum:
-            from memtrain.model.rmt_config import check_curriculum
+            from memtrain.model.memory.rmt.config import check_curriculum
             try:
                 check_curriculum(self.train.curriculum)
             except ModelConfigError as e:
@@ -199,12 +203,18 @@ def _choices(key: str, values: list[str], allowed: tuple[str, ...]) -> None:
         raise ConfigError(f"{key} lists an entry twice: {values}")
 
 
+def variant_memory(variant: str) -> str:
+    """`model.memory` of an experiment variant: the baselines "window" and "meta" have none, the others are
+    memory kinds by name."""
+    return "none" if variant in BASELINES else variant
+
+
 def variant_model(cfg: LongContextConfig, variant: str) -> ModelConfig:
     """The base model with the variant's memory; max_seq_len covers the longest call the experiment makes."""
     from memtrain.data.tasks.symbolic import VOCAB
     m = copy.deepcopy(cfg.model)
     m.vocab_size = m.vocab_size or len(VOCAB)
-    m.memory = variant if variant not in ("window", "meta") else "none"
+    m.memory = variant_memory(variant)
     m.num_meta_tokens = cfg.meta_tokens if variant == "meta" else 0
     longest = max(cfg.eval_lengths + cfg.perf_lengths + [cfg.train_len])
     m.max_seq_len = max(m.max_seq_len, longest if variant in ("window", "meta") else cfg.eval_piece)

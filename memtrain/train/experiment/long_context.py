@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from memtrain.data.tasks.symbolic import chance
+from memtrain.model.memory import memory_kinds, memory_spec
 
 from ..configtree import ConfigError, to_toml
 from .config import LongContextConfig, variant_model
@@ -38,10 +39,9 @@ def variant_identity(cfg: LongContextConfig, variant: str) -> dict:
     import dataclasses
     m = dataclasses.asdict(variant_model(cfg, variant))
     m.pop("max_seq_len")  # raised to the longest evaluation; does not change the weights
-    if m["memory"] != "rmt":
-        m.pop("rmt")
-    if m["memory"] in ("none", "rmt"):
-        m.pop("titans")
+    sections = {memory_spec(k).settings for k in memory_kinds()} - {None, memory_spec(m["memory"]).settings}
+    for section in sorted(sections):  # the other kinds' settings do not shape this variant
+        m.pop(section, None)
     return {"model": m, "train": dataclasses.asdict(cfg.train), "train_len": cfg.train_len, "seed": cfg.seed,
             "events": cfg.events, "filler": cfg.filler}
 

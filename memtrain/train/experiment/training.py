@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from memtrain.data.tasks.symbolic import symbolic_batch
-from memtrain.model.rmt_config import segments_for_step
+from memtrain.model.memory.rmt.config import segments_for_step
 from memtrain.model.transformer import build_model
 
 from .config import LongContextConfig, variant_model

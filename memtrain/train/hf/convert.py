@@ -30,8 +30,12 @@ import torch
 
 from . import ExportError
 
-SUPPORTED_MEMORY = ("none", "rmt", "lmm", "mac", "mag", "mal")
-TITANS = ("lmm", "mac", "mag", "mal")
+from memtrain.model.memory import load_plugins, memory_kinds, memory_spec
+
+
+def exportable_kinds() -> list[str]:
+    """Registered memory kinds whose spec names a Hugging Face template (`MemorySpec.hf_memory`)."""
+    return [k for k in memory_kinds() if memory_spec(k).exported_as() is not None]
 
 
 def build_config(tree: dict[str, Any], where: str):
@@ -42,62 +46,37 @@ def build_config(tree: dict[str, Any], where: str):
         cfg = build(Config, json.loads(json.dumps(tree)))  # a deep copy: build may keep references
     except (ConfigError, ValueError, TypeError, KeyError) as e:
         raise ExportError(f"the config of {where} does not fit this memtrain version: {e}") from None
-    if cfg.model.memory not in SUPPORTED_MEMORY:
-        raise ExportError(f"{where} has model.memory={cfg.model.memory!r}; export supports "
-                          f"{', '.join(SUPPORTED_MEMORY)}")
     try:
+        load_plugins(cfg.plugins)  # modules that register the run's own memory kinds
         cfg.model.validate()
     except (ConfigError, ValueError) as e:
         raise ExportError(f"the config of {where} is invalid: {e}") from None
+    if memory_spec(cfg.model.memory).exported_as() is None:
+        raise ExportError(f"{where} has model.memory={cfg.model.memory!r}, which has no Hugging Face template; "
+                          f"export supports {', '.join(exportable_kinds())}")
     if cfg.model.vocab_size <= 0:
         raise ExportError(f"the config of {where} has model.vocab_size={cfg.model.vocab_size}")
     return cfg
 
 
-def _memory_shapes(m, p: str) -> dict[str, tuple[int, ...]]:
-    """Native shapes of one Titans memory layer (memtrain/model/titans_memory.py) under prefix `p`."""
-    t, D = m.titans, m.d_model
-    H, Dh, K = t.memory_heads, t.head_dim(D), t.conv_size
-    shapes = {p + "query.weight": (H * Dh, D), p + "kv.weight": (2 * H * Dh, D), p + "gates.weight": (3 * H, D),
-              p + "gates.bias": (3 * H,)}
-    if K:
-        shapes.update({p + "conv_q": (H * Dh, K), p + "conv_kv": (2 * H * Dh, K)})
-    hidden = max(1, int(round(t.memory_expansion * Dh)))
-    dims = [Dh] + [hidden] * (t.memory_depth - 1) + [Dh]
-    shapes.update({f"{p}init_weights.{l}": (H, dims[l + 1], dims[l]) for l in range(t.memory_depth)})
-    shapes[p + "out.weight"] = (D, H * Dh)
-    return shapes
-
-
 def native_shapes(m) -> dict[str, tuple[int, ...]]:
-    """Full (TP = 1) shapes of every native parameter of the model (any memory kind) with config `m`."""
+    """Full (TP = 1) shapes of every native parameter of the model with config `m`: embedding, blocks (the plain
+    block, or the memory kind's `block_shapes`), head, then the kind's own `top_shapes`."""
     D, Vp, F = m.d_model, m.padded_vocab_size, m.ffn_width
+    spec = memory_spec(m.memory)
     qkv = m.kv_heads * (m.n_heads // m.kv_heads + 2) * m.head_dim
-    attn = {"attn_norm.weight": (D,), "attn.qkv.weight": (qkv, D), "attn.out.weight": (D, m.n_heads * m.head_dim)}
-    mlp = {"mlp_norm.weight": (D,), "mlp.gate.weight": (F, D), "mlp.up.weight": (F, D), "mlp.down.weight": (D, F)}
+    plain = {"attn_norm.weight": (D,), "attn.qkv.weight": (qkv, D), "attn.out.weight": (D, m.n_heads * m.head_dim),
+             "mlp_norm.weight": (D,), "mlp.gate.weight": (F, D), "mlp.up.weight": (F, D), "mlp.down.weight": (D, F)}
     shapes: dict[str, tuple[int, ...]] = {"embed.tokens.weight": (Vp, D)}
     if m.num_meta_tokens:
         shapes["embed.meta"] = (m.num_meta_tokens, D)
     for i in range(m.n_layers):
         p = f"blocks.{i}."
-        if m.memory not in TITANS:
-            shapes.update({p + k: v for k, v in {**attn, **mlp}.items()})
-            continue
-        if m.memory != "mag":
-            shapes[p + "mem_norm.weight"] = (D,)
-        if m.memory != "lmm":
-            shapes.update({p + k: v for k, v in attn.items()})
-        shapes.update(_memory_shapes(m, p + "memory."))
-        if m.memory == "mag":
-            shapes.update({p + "gate_norm_y.weight": (D,), p + "gate_norm_m.weight": (D,)})
-        shapes.update({p + k: v for k, v in mlp.items()})
+        shapes.update(spec.block_shapes(m, p) if spec.block_shapes else {p + k: v for k, v in plain.items()})
     shapes["head.norm.weight"] = (D,)
     if not m.tie_embeddings:
         shapes["head.proj.weight"] = (Vp, D)
-    if m.memory == "rmt":
-        M = m.rmt.num_memory
-        shapes.update({"memory_init": (M, D), "read_slots": (M, D), "write_slots": (M, D),
-                       "memory_norm.weight": (D,)})
+    shapes.update(spec.top_shapes(m))
     return shapes
 
 
@@ -183,12 +162,10 @@ def hf_to_native(hf: dict[str, torch.Tensor], m) -> dict[str, torch.Tensor]:
 
 
 def memory_config(m) -> dict[str, Any]:
-    """memory_config of config.json: the [model.rmt] or [model.titans] section as trained."""
-    if m.memory == "rmt":
-        return asdict(m.rmt)
-    if m.memory in TITANS:
-        return asdict(m.titans)
-    return {}
+    """memory_config of config.json: the memory kind's own settings section ([model.rmt], [model.titans]) as
+    trained, {} for a kind without one."""
+    settings = memory_spec(m.memory).settings_of(m)
+    return asdict(settings) if settings is not None else {}
 
 
 def hf_config(cfg, *, step: int, source: str, dtype: str, special_ids: dict[str, int]) -> dict[str, Any]:
@@ -217,7 +194,7 @@ def hf_config(cfg, *, step: int, source: str, dtype: str, special_ids: dict[str,
         "num_meta_tokens": m.num_meta_tokens,
         "sliding_window": m.window or None,
         "layer_types": layer_types,
-        "memory": m.memory,
+        "memory": memory_spec(m.memory).exported_as(),  # the exported modeling code's name for it
         "memory_config": memory_config(m),
         "initializer_range": m.init_std,
         "tie_word_embeddings": m.tie_embeddings,

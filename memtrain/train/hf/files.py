@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from memtrain.model.memory import memory_spec
+
 from . import ExportError
 
 INDEX = "model.safetensors.index.json"
@@ -151,21 +153,11 @@ def write_model_card(out: Path, cfg, *, step: int, source: str, dtype: str, num_
             ("max text length", m.max_seq_len), ("rotary base", m.rope_theta), ("tied embeddings", m.tie_embeddings),
             ("meta tokens", m.num_meta_tokens), ("attention per layer", windows), ("memory", m.memory),
             ("weights dtype", dtype), ("training step", step)]
-    if m.memory == "rmt":
-        r = m.rmt
-        memory = (f"Recurrent Memory Transformer: {r.num_memory} memory tokens read and written per segment of "
-                  f"{r.segment_len} text tokens (positions: {r.positions}{', MemBottleneck' if r.bottleneck else ''})"
-                  f"; `generate()` carries the memory in its cache")
-        rows.append(("memory settings", ", ".join(f"{k}={v}" for k, v in asdict(r).items())))
-    elif m.memory != "none":
-        t = m.titans
-        memory = (f"Titans {m.memory.upper()}: a neural long-term memory in every block ("
-                  f"{'linear' if t.memory_depth == 1 else f'MLP depth {t.memory_depth}'}, {t.memory_heads} heads, "
-                  f"chunk {t.chunk_size}{f', segments of {t.segment_len}' if m.memory == 'mac' else ''}), updated at "
-                  f"test time; `generate()` carries the memory state in its cache")
-        rows.append(("memory settings", ", ".join(f"{k}={v}" for k, v in asdict(t).items())))
-    else:
-        memory = "No recurrent memory (`memory = \"none\"`)"
+    spec = memory_spec(m.memory)
+    memory = spec.describe(m) or f"No recurrent memory (`memory = \"{m.memory}\"`)"
+    settings = spec.settings_of(m)
+    if settings is not None:
+        rows.append(("memory settings", ", ".join(f"{k}={v}" for k, v in asdict(settings).items())))
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     text = f"""---
 library_name: transformers

@@ -1,5 +1,5 @@
 """Recurrent Memory Transformer (memory = "rmt") of an exported memtrain model (copied verbatim into every export;
-plain torch, no project import). Mirrors memtrain's memtrain/model/rmt.py.
+plain torch, no project import). Mirrors memtrain's memtrain/model/memory/rmt/model.py.
 
 Text is cut into segments of L tokens; each segment runs through the ordinary decoder layers as
 

@@ -1,5 +1,5 @@
 """Titans models (memory = lmm, mac, mag, mal) of an exported memtrain model (copied verbatim into every export;
-plain torch, no project import). Mirrors memtrain's memtrain/model/titans.py, memtrain/model/titans_memory.py and memtrain/kernels/titans.
+plain torch, no project import). Mirrors memtrain's memtrain/model/memory/titans/model.py, memtrain/model/memory/titans/memory.py and memtrain/kernels/titans.
 
 The memory update is the naive chunk loop of memtrain/kernels/titans/reference.py (the specification the native chunked
 kernel is tested against): per token t, chunk size b, absolute chunk grid c = (seen + t) // b,
@@ -94,7 +94,7 @@ def memory_update(q, k, v, theta, eta, alpha, state, chunk_size: int, act: str):
 
 
 class MemtrainNeuralMemory(nn.Module):
-    """The Titans memory layer (memtrain/model/titans_memory.py): x `[B, n, D]` -> (out `[B, n, D]`, state)."""
+    """The Titans memory layer (memtrain/model/memory/titans/memory.py): x `[B, n, D]` -> (out `[B, n, D]`, state)."""
 
     def __init__(self, config: MemtrainConfig):
         super().__init__()
@@ -155,7 +155,7 @@ def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
 
 
 class MemtrainTitansLayer(nn.Module):
-    """One Titans block (memtrain/model/titans.py TitansBlock): `step(h [B, P + n, D], state, seen) -> (h, state)`."""
+    """One Titans block (memtrain/model/memory/titans/model.py TitansBlock): `step(h [B, P + n, D], state, seen) -> (h, state)`."""
 
     def __init__(self, config: MemtrainConfig, layer_idx: int):
         super().__init__()

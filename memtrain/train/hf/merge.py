@@ -92,7 +92,7 @@ def check_complete(ckpt: Path, layout: dict[str, Any]) -> None:
                           f"missing ({shown})")
 
 
-def _load_rank_model(path: Path) -> dict[str, torch.Tensor]:
+def load_rank_model(path: Path) -> dict[str, torch.Tensor]:
     try:
         # mmap: only the model tensors are read from disk, not the (2x larger) optimizer state next to them.
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
@@ -105,7 +105,7 @@ def _load_rank_model(path: Path) -> dict[str, torch.Tensor]:
 
 def _merge_tp(ckpt: Path, ranks: list[int], dims: dict[str, Any]) -> dict[str, torch.Tensor]:
     """One pipeline stage: its TP ranks' shards concatenated along `partition_dims` (replicated: checked equal)."""
-    shards = [_load_rank_model(ckpt / f"rank{r:05d}.pt") for r in ranks]
+    shards = [load_rank_model(ckpt / f"rank{r:05d}.pt") for r in ranks]
     names = list(shards[0])
     for r, shard in zip(ranks[1:], shards[1:]):
         if set(shard) != set(names):

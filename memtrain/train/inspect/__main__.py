@@ -16,6 +16,8 @@ import json
 import sys
 from pathlib import Path
 
+from memtrain.model.memory import memory_spec
+
 from .load import InspectError
 
 
@@ -87,7 +89,7 @@ def run_attention(args: argparse.Namespace) -> Path:
     lines = [f"# Attention: {loaded.ckpt} (step {loaded.step})", "",
              f"Text: {args.text}, {ids.shape[1]} tokens; model.memory = {kind!r}, "
              f"{loaded.cfg.model.num_meta_tokens} meta tokens.", ""]
-    if kind in ("lmm", "mac", "mag", "mal"):
+    if "attention" not in memory_spec(kind).inspect and "gates" in memory_spec(kind).inspect:
         from .gates import titans_gates
         print(f"attention maps: not available for Titans models (model.memory={kind!r}) yet; writing gates only")
         gates = titans_gates(model, ids)
@@ -110,7 +112,7 @@ def run_attention(args: argparse.Namespace) -> Path:
     if not -len(trace.passes) <= args.segment < len(trace.passes):
         raise InspectError(f"--segment {args.segment} is out of range: the text ran in {len(trace.passes)} pass(es)")
     shown = trace.passes[args.segment]
-    memory = "meta tokens" if kind == "none" else "meta tokens + read and write memory"
+    memory = " + ".join(name for name in shown.regions if name != "text")  # e.g. meta + read + write
     note = (f"Memory = {memory}. {len(trace.passes)} pass(es) (RMT: one per segment); maps show pass "
             f"{args.segment % len(trace.passes)} with regions {shown.regions}.")
     for layer, probs in enumerate(shown.probs):

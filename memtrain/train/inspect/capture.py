@@ -16,7 +16,7 @@ How. The plain model runs its blocks once per call; the RMT runs them once per s
   model's outputs are bit-for-bit those of an uncaptured run), and keeps q and k (after rotary).
 * The probabilities are then recomputed in float64 from q, k and the visibility mask of the reference spec
   (`memtrain/kernels/attention/reference.py`): `softmax(q kᵀ / sqrt(Dh))` over `build_mask(N, num_prefix, window)`, or for
-  an RMT windowed layer the same mask for the first N − M rows and `memtrain.model.rmt.write_mask` for the M write rows.
+  an RMT windowed layer the same mask for the first N − M rows and `memtrain.model.memory.rmt.model.write_mask` for the M write rows.
   An `attend` the capture does not recognise (a future layout) is measured instead by probing it: calling it with
   one-hot values (`v = e_j` for Dh positions at a time) returns the probability columns directly.
 
@@ -37,8 +37,11 @@ import torch
 
 from memtrain.kernels.attention import attention as kernel_attention
 from memtrain.kernels.attention.reference import build_mask, repeat_kv
+from memtrain.model.memory import memory_kinds, memory_spec
 
 from .load import InspectError
+
+CAPTURED = frozenset({"registers", "attention"})  # the inspections that capture passes through the blocks
 
 Regions = dict[str, tuple[int, int]]
 
@@ -63,18 +66,9 @@ class Trace:
 
 
 def regions_for(model: torch.nn.Module, n: int) -> Regions:
-    """Layout of a pass of N = n positions: plain [meta; text], RMT [meta; read; text; (write)]."""
-    cfg = model.cfg
-    P = cfg.num_meta_tokens
-    if cfg.memory == "rmt":
-        M, L = cfg.rmt.num_memory, cfg.rmt.segment_len
-        write = M if n == P + M + L + M else 0  # only full segments (l = L) carry write tokens
-        text_end = n - write
-        out = {"meta": (0, P), "read": (P, P + M), "text": (P + M, text_end)}
-        if write:
-            out["write"] = (text_end, n)
-        return out
-    return {"meta": (0, P), "text": (P, n)}
+    """Layout of a pass of N = n positions, as the memory kind's spec gives it: plain [meta; text], RMT
+    [meta; read; text; (write)]."""
+    return memory_spec(model.cfg.memory).regions(model.cfg, n)
 
 
 def mask_of(attend: Callable, n: int, device=None) -> torch.Tensor | None:
@@ -83,12 +77,12 @@ def mask_of(attend: Callable, n: int, device=None) -> torch.Tensor | None:
         kw = attend.keywords
         if attend.func is kernel_attention:
             return build_mask(n, kw.get("num_prefix", 0), kw.get("window"), device=device)
-        from memtrain.model import rmt
-        if attend.func is rmt._split_attend:  # body through the kernel, write rows dense (see memtrain/model/rmt.py)
+        from memtrain.model.memory.rmt.model import split_attend, write_mask
+        if attend.func is split_attend:  # body through the kernel, write rows dense (see memtrain/model/memory/rmt/model.py)
             m = kw["num_write"]
             mask = torch.zeros(n, n, dtype=torch.bool, device=device)
             mask[: n - m, : n - m] = build_mask(n - m, kw["num_prefix"], kw["window"], device=device)
-            mask[n - m:] = rmt.write_mask(n - m, m, device)
+            mask[n - m:] = write_mask(n - m, m, device)
             return mask
     return None
 
@@ -133,10 +127,11 @@ def capture(model: torch.nn.Module, *, probs: bool = True) -> Iterator[Trace]:
     """
     from memtrain.model.layers import Block
     cfg = getattr(model, "cfg", None)
-    if cfg is None or cfg.memory not in ("none", "rmt"):
+    if cfg is None or not CAPTURED & memory_spec(cfg.memory).inspect:
         kind = getattr(cfg, "memory", type(model).__name__)
+        supported = [k for k in memory_kinds() if CAPTURED & memory_spec(k).inspect]
         raise InspectError(f"capturing attention of model.memory={kind!r} is not available for this model yet "
-                           f"(supported: plain and RMT models)")
+                           f"(supported: {', '.join(supported)})")
     blocks = list(model.blocks)
     if not all(isinstance(b, Block) for b in blocks):
         raise InspectError("this model's blocks are not memtrain.model.layers.Block: capture is not available for it yet")

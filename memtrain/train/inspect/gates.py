@@ -1,6 +1,6 @@
 """Titans gates θ (step size), η (momentum) and α (forgetting) along the text, captured by hooks.
 
-Each `TitansBlock` has a `memory` (memtrain/model/titans_memory.py) whose `gates` column layer gives, per token and memory
+Each `TitansBlock` has a `memory` (memtrain/model/memory/titans/memory.py) whose `gates` column layer gives, per token and memory
 head, θ, η, α = sigmoid(gates(x)) viewed as `[B, n, H, 3]`. A forward hook on that layer keeps its outputs; the model
 code is untouched. MAG / MAL / LMM blocks call the memory first on the P meta positions (when P > 0), then on the
 text; MAC blocks call it once per segment on the text's attention outputs. The text calls are joined along n.
@@ -37,7 +37,7 @@ def titans_gates(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, torch.T
     P, T = model.cfg.num_meta_tokens, ids.shape[1]
     per_layer = []
     for i, block in enumerate(blocks):
-        text_calls = calls[i][1:] if (block.kind != "mac" and P) else calls[i]
+        text_calls = calls[i][1:] if block.meta_memory_call else calls[i]
         g = torch.cat(text_calls, dim=1) if text_calls else None  # [B, T, H, 3]
         if g is None or g.shape[1] != T:
             raise InspectError(f"could not line up block {i}'s gate calls with the {T} text tokens "

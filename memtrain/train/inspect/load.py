@@ -59,7 +59,7 @@ def load_checkpoint_model(path: Path, tokenizer: str | None = None) -> Loaded:
     cfg = _build_config(meta["config"], ckpt)
     try:
         tok_path = hf_files.find_tokenizer(meta["config"], ckpt, tokenizer)
-        state = merge._load_rank_model(ckpt / "rank00000.pt")
+        state = merge.load_rank_model(ckpt / "rank00000.pt")
     except ExportError as e:
         raise InspectError(str(e)) from None
     model = build_model(cfg.model)
@@ -76,6 +76,8 @@ def _build_config(tree: dict[str, Any], ckpt: Path):
     from memtrain.train.configtree import ConfigError, build
     try:
         cfg = build(Config, json.loads(json.dumps(tree)))  # a deep copy: build may keep references
+        from memtrain.model.memory import load_plugins
+        load_plugins(cfg.plugins)  # modules that register the run's own memory kinds
         cfg.model.validate()
     except (ConfigError, ValueError, TypeError, KeyError) as e:
         raise InspectError(f"the config saved in {ckpt} does not fit this memtrain version: {e}") from None

@@ -8,10 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .errors import ModelConfigError
+from ...errors import ModelConfigError
 
 if TYPE_CHECKING:  # only for the annotation: config.py imports this module
-    from .config import ModelConfig
+    from ...config import ModelConfig
 
 POSITION_MODES = ("segment", "global")
 

@@ -49,14 +49,14 @@ from torch import nn
 from memtrain.kernels.attention import attention
 from memtrain.kernels.attention.reference import masked_attention
 
-from .config import ModelConfig
-from .factory import LayerFactory
-from .layers import RMSNorm, rotary_tables
-from .rmt_config import RMTConfig, segments_for_step, tokens_for_step
-from .generation import greedy_generate
-from .transformer import DecoderLM, LMOutput
+from ...config import ModelConfig
+from ...factory import LayerFactory
+from ...layers import RMSNorm, rotary_tables
+from .config import RMTConfig, segments_for_step, tokens_for_step
+from ...generation import greedy_generate
+from ...transformer import DecoderLM, LMOutput, prepend
 
-__all__ = ["RMTDecoderLM", "RMTState", "RMTConfig", "segments_for_step", "tokens_for_step", "write_mask"]
+__all__ = ["RMTDecoderLM", "RMTState", "RMTConfig", "segments_for_step", "split_attend", "tokens_for_step", "write_mask"]
 
 
 class RMTState(NamedTuple):
@@ -81,7 +81,7 @@ def write_mask(num_keys_before: int, num_write: int, device=None) -> torch.Tenso
     return (j < num_keys_before) | (j - num_keys_before <= i)
 
 
-def _split_attend(q, k, v, *, num_prefix: int, window: int, num_write: int, backend: str):
+def split_attend(q, k, v, *, num_prefix: int, window: int, num_write: int, backend: str):
     """Windowed layer with write tokens: text (and prefix) queries through the kernel, write queries dense.
 
     q `[B, Hq, N, Dh]`, k/v `[B, Hkv, N, Dh]` -> `[B, Hq, N, Dh]`. The first n = N - M positions never see the
@@ -145,7 +145,7 @@ class RMTDecoderLM(DecoderLM):
         if window is None or num_write == 0:
             # Without a window the causal kernel already lets the (last) write tokens see everything.
             return functools.partial(attention, num_prefix=prefix, window=window, backend=backend)
-        return functools.partial(_split_attend, num_prefix=prefix, window=window, num_write=num_write,
+        return functools.partial(split_attend, num_prefix=prefix, window=window, num_write=num_write,
                                  backend=backend)
 
     def run_segment(
@@ -165,17 +165,12 @@ class RMTDecoderLM(DecoderLM):
     def segment_input(self, ids: torch.Tensor, memory: torch.Tensor, *, write: bool) -> torch.Tensor:
         """The segment's input rows h `[B, N, D]`, N = P + M + l (+ M with `write`): meta tokens, read memory
         (memory `[B, M, D]` + read slots), token embeddings of ids `[B, l]`, write memory (memory + write slots)."""
-        B = ids.shape[0]
         x = self.embed.tokens(ids)  # [B, l, D]
         memory = memory.to(x.dtype)
-        parts = []
-        if self.embed.meta is not None:
-            parts.append(self.embed.meta.to(x.dtype).unsqueeze(0).expand(B, -1, -1))
-        parts.append(memory + self.read_slots.to(x.dtype))
-        parts.append(x)
+        parts = [memory + self.read_slots.to(x.dtype), x]
         if write:
             parts.append(memory + self.write_slots.to(x.dtype))
-        return torch.cat(parts, dim=1)  # [B, N, D]
+        return prepend(self.embed.meta, torch.cat(parts, dim=1))  # [B, N, D]
 
     def segment_blocks(self, h: torch.Tensor, blocks: range, num_text: int, num_write: int,
                        segment_index: int) -> torch.Tensor:
@@ -226,7 +221,7 @@ class RMTDecoderLM(DecoderLM):
         ids = torch.cat([state.pending.to(tokens), tokens], dim=1) if state.pending.shape[1] else tokens
         return state, ids, list(ids.split(L, dim=1))
 
-    def _detached(self, s: int, n: int) -> bool:
+    def memory_detached(self, s: int, n: int) -> bool:
         """Is the memory entering segment s of n (in one call) cut from the graph? Only the last k transitions
         (into segments n-k .. n-1) carry gradient, so every loss reaches back through at most k transitions."""
         k = self.cfg.rmt.bptt_segments
@@ -252,7 +247,7 @@ class RMTDecoderLM(DecoderLM):
         L, r, n = self.cfg.rmt.segment_len, state.pending.shape[1], len(pieces)
         memory, logits = state.memory, []
         for s, piece in enumerate(pieces):
-            if self._detached(s, n):
+            if self.memory_detached(s, n):
                 memory = memory.detach()
             full = piece.shape[1] == L
             seg_logits, new_memory = self.run_segment(piece, memory, state.segments + s, write=full)
@@ -260,12 +255,7 @@ class RMTDecoderLM(DecoderLM):
             if full:
                 memory = new_memory
         out = torch.cat(logits, dim=1)[:, r:]  # logits of pending tokens were returned by the previous call
-        loss = None
-        if targets is not None:
-            loss = self.factory.cross_entropy(out, targets).mean()
-        if self.factory.tp_size == 1:
-            out = out[..., : self.cfg.vocab_size]
-        return LMOutput(out, loss, self._finish_state(state, ids, pieces, memory))
+        return self.lm_output(out, targets, self._finish_state(state, ids, pieces, memory))
 
     def _forward_context_parallel(self, tokens, targets, state) -> LMOutput:
         """Context parallel (`factory.sequence.size` = c > 1): tokens `[B, T_l]` is this rank's slice, a whole
@@ -282,19 +272,16 @@ class RMTDecoderLM(DecoderLM):
         fresh, _, pieces = self._prepare(tokens, targets, None)
         per_rank = T // L
         first, n = seq.rank * per_rank, seq.size * per_rank  # global index of this rank's first segment, total
-        memory = seq.handoff_in(fresh.memory, differentiable=not self._detached(first, n))
+        memory = seq.handoff_in(fresh.memory, differentiable=not self.memory_detached(first, n))
         logits = []
         for s, piece in enumerate(pieces):
-            if s and self._detached(first + s, n):
+            if s and self.memory_detached(first + s, n):
                 memory = memory.detach()
             seg_logits, memory = self.run_segment(piece, memory, first + s, write=True)
             logits.append(seg_logits)
         out = torch.cat(logits, dim=1)
-        out = seq.handoff_out(out, memory, differentiable=not self._detached(first + per_rank, n))
-        loss = None if targets is None else self.factory.cross_entropy(out, targets).mean()
-        if self.factory.tp_size == 1:
-            out = out[..., : self.cfg.vocab_size]
-        return LMOutput(out, loss, RMTState(memory, tokens[:, :0], first + per_rank))
+        out = seq.handoff_out(out, memory, differentiable=not self.memory_detached(first + per_rank, n))
+        return self.lm_output(out, targets, RMTState(memory, tokens[:, :0], first + per_rank))
 
     # ---- training entry points ---------------------------------------------------------------------
 
@@ -336,7 +323,7 @@ class RMTDecoderLM(DecoderLM):
             if s == 0 and fresh:
                 m_in = self.initial_state(B, tokens.device).memory  # gradients go to memory_init
             else:
-                m_in = memories[s].detach().requires_grad_(s > 0 and not self._detached(s, n))
+                m_in = memories[s].detach().requires_grad_(s > 0 and not self.memory_detached(s, n))
             seg_logits, m_out = self.run_segment(piece, m_in, state.segments + s, write=piece.shape[1] == L)
             skip = max(0, r - start)  # pending tokens at the start of segment 0 carry no loss here
             seg_targets = targets[:, start + skip - r:start + piece.shape[1] - r]
@@ -367,5 +354,5 @@ class RMTDecoderLM(DecoderLM):
 
     def stages(self) -> list[nn.Module]:
         raise NotImplementedError("the RMT's memory cycles from the last block back to the first, so it has no "
-                                  "flat pipeline stages for DeepSpeed: memtrain.launch.rmt_pipeline.RMTPipelineEngine "
+                                  "flat pipeline stages for DeepSpeed: memtrain.train.engines.rmt_pipeline.RMTPipelineEngine "
                                   "runs it over parallel.pp stages (segment_input/segment_blocks/segment_output)")

@@ -1,5 +1,5 @@
 """Titans models (Behrouz et al. 2025, "Titans: Learning to Memorize at Test Time"): `model.memory` = mac | mag | mal
-| lmm. Memory layer: memtrain/model/titans_memory.py (§3.1, eqs. 8-15: surprise S_t = η_t S_{t-1} − θ_t ∇ℓ, forgetting
+| lmm. Memory layer: memtrain/model/memory/titans/memory.py (§3.1, eqs. 8-15: surprise S_t = η_t S_{t-1} − θ_t ∇ℓ, forgetting
 M_t = (1 − α_t) M_{t-1} + S_t, read y_t = M*(q_t); chunked as eqs. 16-18 by memtrain/kernels/titans). Persistent memory
 (§3.3, eq. 19) = the model's meta tokens p (`model.num_meta_tokens`).
 
@@ -49,12 +49,13 @@ from torch import nn
 from memtrain.kernels.attention import attention
 from memtrain.kernels.attention.reference import repeat_kv
 
-from .config import TITANS_KINDS, ModelConfig
-from .factory import LayerFactory
-from .layers import Attention, RMSNorm, SwiGLU, apply_rotary, rotary_tables
-from .titans_memory import MemoryState, TitansMemory, tree_map
-from .generation import greedy_generate
-from .transformer import DecoderLM, Embed, Head, LMOutput
+from ...config import ModelConfig
+from . import KINDS
+from ...factory import LayerFactory
+from ...layers import Attention, RMSNorm, SwiGLU, apply_rotary, rotary_tables
+from .memory import MemoryState, TitansMemory, tree_map
+from ...generation import greedy_generate
+from ...transformer import DecoderLM, Embed, Head, LMOutput
 
 __all__ = ["TitansDecoderLM", "TitansBlock", "TitansState", "TitansLayerState", "TitansMemory"]
 
@@ -151,6 +152,12 @@ class TitansBlock(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg, factory)
 
+    @property
+    def meta_memory_call(self) -> bool:
+        """Whether a fresh call runs the memory once over the P meta positions before the text (LMM/MAG/MAL with
+        meta tokens): hooks on `self.memory` then see that call first. MAC's memory sees text outputs only."""
+        return self.kind != "mac" and self.num_prefix > 0
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.step(h, None, 0)[0]
 
@@ -192,7 +199,7 @@ class TitansBlock(nn.Module):
 
     def _window_attention(self, a: torch.Tensor, kv, seen: int):
         """a `[B, P + n, D]` -> (`[B, P + n, D]`, new cache). Without a cache this is the plain model's attention
-        kernel call; with one, text queries attend to [prefix ‖ cached text ‖ new text] under the DESIGN.md §3
+        kernel call; with one, text queries attend to [prefix ‖ cached text ‖ new text] under the docs/attention.md
         mask (dense [n, P + c + n]: for decoding and pieces, not for long first calls)."""
         attn, P = self.attn, self.num_prefix
         n = a.shape[1] - P
@@ -322,8 +329,8 @@ class TitansDecoderLM(DecoderLM):
 
     def __init__(self, cfg: ModelConfig, factory: LayerFactory | None = None):
         nn.Module.__init__(self)  # not DecoderLM.__init__: it would build (and draw weights for) plain blocks
-        if cfg.memory not in TITANS_KINDS:
-            raise ValueError(f"TitansDecoderLM needs model.memory in {TITANS_KINDS}, got {cfg.memory!r}")
+        if cfg.memory not in KINDS:
+            raise ValueError(f"TitansDecoderLM needs model.memory in {KINDS}, got {cfg.memory!r}")
         cfg.validate()
         if cfg.vocab_size <= 0:
             raise ValueError("model.vocab_size is 0: set it or let the trainer take it from the dataset")
@@ -365,12 +372,8 @@ class TitansDecoderLM(DecoderLM):
         for block, layer_state in zip(self.blocks, state.layers):
             h, layer_state = block.step(h, layer_state, state.seen)
             layers.append(layer_state)
-        logits = self.head(h)
-        loss = None if targets is None else self.factory.cross_entropy(logits, targets).mean()
-        if self.factory.tp_size == 1:
-            logits = logits[..., : self.cfg.vocab_size]
         seen = state.seen + seq.text_offset(tokens.shape[1]) + tokens.shape[1]  # CP: up to this slice's end
-        return LMOutput(logits, loss, TitansState(tuple(layers), seen))
+        return self.lm_output(self.head(h), targets, TitansState(tuple(layers), seen))
 
     def _check_context_parallel(self, local_len: int, state: TitansState) -> None:
         """Context parallel: tokens are this rank's slice of a fresh sequence (MAC: whole segments; with a short

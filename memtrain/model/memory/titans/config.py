@@ -1,17 +1,17 @@
 """Configuration of the Titans memory variants (`model.memory` = lmm, mac, mag or mal), section [model.titans].
 
 The sliding window of MAG / MAL attention is the model's own `model.window` (0 = global causal attention) and the
-persistent memory is the model's meta tokens (`model.num_meta_tokens`); see memtrain/model/titans.py and docs/titans.md.
+persistent memory is the model's meta tokens (`model.num_meta_tokens`); see memtrain/model/memory/titans/model.py and docs/titans.md.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .errors import ModelConfigError
+from ...errors import ModelConfigError
 
 if TYPE_CHECKING:  # only for the annotation: config.py imports this module
-    from .config import ModelConfig
+    from ...config import ModelConfig
 
 MEMORY_BACKENDS = ("auto", "fused", "chunked", "triton", "reference")
 MEMORY_ACTS = ("gelu", "silu")
@@ -23,7 +23,7 @@ class TitansConfig:
     """MAC segment length L: attention runs within [persistent ‖ retrieved ‖ segment]."""
 
     chunk_size: int = 16
-    """Tokens per memory chunk b: all gradients of a chunk use the chunk-start memory (DESIGN.md §2)."""
+    """Tokens per memory chunk b: all gradients of a chunk use the chunk-start memory (docs/titans_kernels.md "The memory, exactly")."""
 
     memory_depth: int = 1
     """Layers of the memory MLP: 1 is the linear memory (exact chunk-parallel form), >= 2 a deep MLP."""
@@ -77,10 +77,6 @@ class TitansConfig:
             raise ModelConfigError(
                 f"model.titans.memory_heads={self.memory_heads} does not divide model.d_model={model_cfg.d_model} "
                 f"(or set model.titans.memory_head_dim)")
-        if model_cfg.memory == "mac" and self.segment_len > model_cfg.max_seq_len:
-            raise ModelConfigError(
-                f"model.titans.segment_len={self.segment_len} is longer than model.max_seq_len="
-                f"{model_cfg.max_seq_len}")
         if not self.memory_expansion > 0:
             raise ModelConfigError(f"model.titans.memory_expansion must be > 0, got {self.memory_expansion}")
         if self.memory_act not in MEMORY_ACTS:

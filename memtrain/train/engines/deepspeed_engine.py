@@ -1,0 +1,90 @@
+"""DeepSpeed's engine around our model, optimizer and schedule: ZeRO 0-3, bf16, clipping, accumulation.
+
+The micro-batch loop is `LocalEngine`'s (memtrain/train/engines/local.py); DeepSpeed reduces, clips and updates
+inside the last micro-batch's `backward`, so `step` only reports the gradient norm.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from memtrain.launch.groups import Layout
+
+from ..config import Config, ConfigError
+from ..optim import build_optimizer, build_scheduler, grad_norm
+from .local import LocalEngine
+
+
+class DeepSpeedEngine(LocalEngine):
+    """DeepSpeed's engine around our model, optimizer and schedule (ZeRO 0-3, bf16, clipping, accumulation)."""
+
+    def __init__(self, model: nn.Module, cfg: Config, layout: Layout, run_dir: Path | None, bf16: bool):
+        import deepspeed
+
+        from memtrain.launch.deepspeed_config import MegatronMPU, deepspeed_json
+
+        super().__init__(model, cfg, layout)
+        optimizer = build_optimizer(model, cfg.optim)
+        scheduler = build_scheduler(optimizer, cfg.schedule)
+        self.json = deepspeed_json(micro_batch=cfg.data.batch_size, grad_accum=cfg.optim.grad_accum,
+                                   zero_stage=cfg.parallel.zero_stage, grad_clip=cfg.optim.grad_clip, bf16=bf16)
+        if layout.rank == 0 and run_dir is not None:  # saved with the run, for the record
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "deepspeed.json").write_text(json.dumps(self.json, indent=2))
+        # with CP, DeepSpeed's "data parallel" group is DP × CP (gradients averaged, ZeRO partitioned over both)
+        mpu = MegatronMPU(with_context_parallel=layout.cp > 1) if dist.is_initialized() else None
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.json, mpu=mpu)
+        self.module = self.engine.module
+        self.zero_stage = cfg.parallel.zero_stage
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self._norm = float("nan")
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # DeepSpeed's own protocol is backward + step per micro-batch: it counts micro-steps, reduces
+        # gradients and updates only at the accumulation boundary. The micro-batch loop already divided the loss
+        # by the accumulation steps, so DeepSpeed must not divide again.
+        if self.zero_stage > 0:
+            # DeepSpeed resets ZeRO's per-micro-step hook state in its own forward, which the micro-batch loop bypasses
+            # (it calls the model): without this, ZeRO-3 overwrites instead of accumulating micro-batch grads.
+            self.engine.optimizer.clear_backward_seen_flag()
+        self.engine.backward(loss, scale_wrt_gas=False)
+        if self.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
+            # Without ZeRO DeepSpeed clips but keeps no norm; the gradients are DP-averaged by now.
+            self._norm = grad_norm(self.params, self.tp_group)
+        self.engine.step()
+
+    def step(self) -> float:
+        """The update already ran inside the last micro-batch's `backward`; report its gradient norm."""
+        if self.zero_stage == 0:
+            return float(self._norm)
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def model_state(self) -> dict:
+        """The full (TP-shard) weights; ZeRO-3 partitions are gathered first (collective)."""
+        if self.zero_stage < 3:
+            return self.module.state_dict()
+        import deepspeed
+        params = list(self.module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+
+    def save(self, directory: Path) -> dict:
+        from memtrain.launch.deepspeed_config import save_engine_state
+        save_engine_state(self.engine, directory)
+        return {}
+
+    def load(self, directory: Path, state: dict) -> None:
+        # DeepSpeed's checkpoint restores the weights too (partitioned ones under ZeRO-3).
+        from memtrain.launch.deepspeed_config import load_engine_state
+        load_engine_state(self.engine, directory, ConfigError(
+            f"checkpoint {directory} holds no DeepSpeed state: resume with the same parallel.engine"))
