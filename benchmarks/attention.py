@@ -4,7 +4,7 @@
     python benchmarks/attention.py --quick             # N = 1k, 2k, 4k, fewer repeats
     python benchmarks/attention.py --n 8192 --backends dense sdpa
 
-Prints one JSON line per measurement (docs/architecture.md "Measuring"): backend, N, mode ("fwd" or "fwd_bwd"), median time, peak
+Prints one JSON line per measurement (docs/architecture.md#measuring): backend, N, mode ("fwd" or "fwd_bwd"), median time, peak
 memory, and ratios against the dense baseline measured in the same run (speedup = t_dense / t_backend,
 mem_ratio = mem_backend / mem_dense). A final "summary" line gives, per backend and mode, how peak memory grows
 from one N to the next (2.0 per doubling of N = linear).

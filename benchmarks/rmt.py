@@ -4,7 +4,7 @@
     python benchmarks/rmt.py --segments 4 8 16  # several segment counts
     python benchmarks/rmt.py --no-rss           # saved-tensor accounting only (faster)
 
-Prints one JSON line per measurement (docs/architecture.md "Measuring") and, per segment count, a "ratio" line
+Prints one JSON line per measurement (docs/architecture.md#measuring) and, per segment count, a "ratio" line
 (replay / plain, both measured in this run).
 
 Methods.

@@ -43,7 +43,7 @@ class ShardCache:
         meta = self.shards[index]
         path = self.manifest.path(meta)
         try:
-            samples = read_shard(path, meta.sha256, self.manifest.dtype)
+            samples = read_shard(path, meta.sha256, self.manifest.dtype, self.manifest.vocab_size)
             docs = [s.tokens for s in samples]
             n_tokens = sum(len(d) for d in docs)
             if len(docs) != meta.docs or n_tokens != meta.tokens:

@@ -79,8 +79,10 @@ def _parse_tokens(path: str, name: str, payload: bytes, dtype: str | None) -> np
     return arr
 
 
-def read_shard(path: str, sha256: str | None = None, dtype: str | None = None) -> list[Sample]:
-    """All samples of a shard, in order; raises `ShardError` naming `path` on any problem."""
+def read_shard(path: str, sha256: str | None = None, dtype: str | None = None,
+               vocab_size: int | None = None) -> list[Sample]:
+    """All samples of a shard, in order; raises `ShardError` naming `path` on any problem, including (when
+    `vocab_size` is given) a token id >= `vocab_size`, which would otherwise fail deep inside the model."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -118,4 +120,15 @@ def read_shard(path: str, sha256: str | None = None, dtype: str | None = None) -
     for s in samples:
         if s.fields.pop("__tokens_seen__", None) is None:
             raise ShardError(f"shard {path}: sample {s.key} has no {TOKENS} member; re-run memtrain.data.prepare")
+    if vocab_size is not None:
+        _check_ids(path, samples, vocab_size)
     return samples
+
+
+def _check_ids(path: str, samples: list[Sample], vocab_size: int) -> None:
+    """One vectorised max per sample: cheap next to reading the shard (shard dtypes are unsigned: no min needed)."""
+    for s in samples:
+        if len(s.tokens) and int(s.tokens.max()) >= vocab_size:
+            raise ShardError(f"shard {path}: sample {s.key} holds token id {int(s.tokens.max())}, outside the "
+                             f"manifest's vocabulary of {vocab_size} (the shards were made with another tokenizer, or "
+                             f"are corrupt); re-run memtrain.data.prepare with the dataset's tokenizer")

@@ -1,4 +1,4 @@
-"""Model FLOPs per token and the peak rate they are compared with (MFU, docs/architecture.md "Measuring").
+"""Model FLOPs per token and the peak rate they are compared with (MFU, docs/architecture.md#measuring).
 
     FLOPs/token = 6·N_matmul + Σ_layers 6·H·(d_qk + d_v)·C_layer  (+ the memory's own work, counted by the model)
 
@@ -25,7 +25,7 @@ from torch import nn
 from memtrain.model.memory import memory_spec
 
 FORMULA = ("(6*N_matmul + sum_layers 6*H*(d_qk+d_v)*C_layer) * positions_per_text_token"
-           " + titans_memory_inner_work (docs/architecture.md "Measuring"; memtrain/train/flops.py)")
+           " + titans_memory_inner_work (docs/architecture.md#measuring; memtrain/train/flops.py)")
 
 # Dense bf16 tensor-core peaks (no sparsity) of common accelerators, FLOP/s.
 _GPU_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}

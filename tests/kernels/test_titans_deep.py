@@ -1,4 +1,4 @@
-"""Deep (MLP) Titans memory: the docs/titans_kernels.md "The memory, exactly" properties, fp64, both fast paths vs the spec.
+"""Deep (MLP) Titans memory: the docs/titans_kernels.md#the-memory-exactly properties, fp64, both fast paths vs the spec.
 
 The spec computes every per-token gradient with torch.autograd (create_graph), the fast paths by hand-written
 backprop inside the dual form. Gradients: autograd through the spec (second order) and through the chunked

@@ -1,4 +1,4 @@
-"""Linear Titans memory: the six must-hold properties of docs/titans_kernels.md "The memory, exactly", fp64, chunked torch path vs the spec.
+"""Linear Titans memory: the six must-hold properties of docs/titans_kernels.md#the-memory-exactly, fp64, chunked torch path vs the spec.
 
 Forward runs the full grid chunk size {1, 3, 16, 64} x T {1, 17, 100, 257}; gradients a representative subset
 (all gradients: q, k, v, theta, eta, alpha, W0, S0, and the anchor when a call starts mid-chunk).

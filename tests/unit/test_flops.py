@@ -1,4 +1,4 @@
-"""FLOP counting for MFU: the formula of docs/architecture.md "Measuring" on a model whose numbers are easy to count by hand."""
+"""FLOP counting for MFU: the formula of docs/architecture.md#measuring on a model whose numbers are easy to count by hand."""
 from __future__ import annotations
 
 import torch

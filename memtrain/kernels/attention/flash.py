@@ -16,7 +16,7 @@ flash-attn's autograd drops the gradient of its log-sum-exp output.
 
 The logic is written against a small ``Primitive`` interface (forward -> (out, lse); backward given out/lse), with
 three implementations: ``FlashAttnPrimitive`` (flash-attn, CUDA, fp16/bf16), ``CpuFlashPrimitive``
-(``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward, docs/distributed.md "What runs on a CPU") and ``ReferencePrimitive``
+(``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward, docs/distributed.md#what-runs-on-a-cpu) and ``ReferencePrimitive``
 (plain torch, float64), so the merge and the backward are tested on CPU.
 """
 from __future__ import annotations
@@ -92,7 +92,7 @@ def _sum_groups(x, g):
 
 
 class CpuFlashPrimitive:
-    """``aten._scaled_dot_product_flash_attention_for_cpu`` (+ its backward): returns lse on CPU (docs/distributed.md "What runs on a CPU").
+    """``aten._scaled_dot_product_flash_attention_for_cpu`` (+ its backward): returns lse on CPU (docs/distributed.md#what-runs-on-a-cpu).
 
     It has no window argument, so a windowed causal piece passes an explicit mask: fine for tests, not fast.
     """

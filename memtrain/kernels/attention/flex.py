@@ -10,7 +10,7 @@ full N x N grid (``_compile=False``: an N^2 boolean tensor, 256 MB at N = 16k) o
 ``create_block_mask`` on small shapes.
 
 Limits (torch 2.13): on CPU, forward only (the backward raises NotImplementedError "does not support backward on
-CPU", docs/distributed.md "What runs on a CPU") and float32 / float16 / bfloat16 only (no float64). On CUDA, forward and backward.
+CPU", docs/distributed.md#what-runs-on-a-cpu) and float32 / float16 / bfloat16 only (no float64). On CUDA, forward and backward.
 The first call for a new shape compiles (seconds); compiled code and block masks are cached.
 """
 from __future__ import annotations

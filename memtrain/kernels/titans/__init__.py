@@ -1,4 +1,4 @@
-"""Titans neural long-term memory kernels (docs/titans_kernels.md "The memory, exactly").
+"""Titans neural long-term memory kernels (docs/titans_kernels.md#the-memory-exactly).
 
 Public ops (fla house style: :mod:`.reference` is the spec, fast paths must match it in fp64):
 

@@ -1,4 +1,4 @@
-"""Chunk-parallel torch forms of the Titans memory (docs/titans_kernels.md "The memory, exactly", the TTT "dual form").
+"""Chunk-parallel torch forms of the Titans memory (docs/titans_kernels.md#the-memory-exactly, the TTT "dual form").
 
 Semantics are exactly those of :mod:`memtrain.kernels.titans.reference`; autograd gives the backward. Only b x b
 coefficient matrices, per-chunk [D, D] coefficient products and the chunk-boundary states are materialised; no

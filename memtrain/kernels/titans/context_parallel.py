@@ -1,4 +1,4 @@
-"""Titans memory across context-parallel ranks: each rank holds a contiguous slice of the tokens (docs/titans_kernels.md "The memory, exactly"; docs/distributed.md).
+"""Titans memory across context-parallel ranks: each rank holds a contiguous slice of the tokens (docs/titans_kernels.md#the-memory-exactly; docs/distributed.md).
 
 Linear memory (exact, no rank waits for another's compute): the update of a slice is affine in the incoming
 state X = [W | S | W_anchor] (`[B, H, Dv, n·Dk]`, n = 2 when every slice starts on a chunk boundary, else 3):

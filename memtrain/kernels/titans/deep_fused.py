@@ -1,6 +1,6 @@
 """Deep (MLP) memory: the chunk loop of the dual form as one autograd Function with a hand-written backward.
 
-Same math as :func:`memtrain.kernels.titans.chunked.deep_memory_chunked` (docs/titans_kernels.md "The memory, exactly", TTT-MLP dual form), which the
+Same math as :func:`memtrain.kernels.titans.chunked.deep_memory_chunked` (docs/titans_kernels.md#the-memory-exactly, TTT-MLP dual form), which the
 tests compare it with (and both with the spec in :mod:`.reference`), in fp64 to rounding. Why it exists: at the
 chunk sizes the models use (16-64) a chunk's matmuls are small ([B·H, b, d]) while the memory state is large
 (d_l × d_{l+1} per head and layer), so the loop is bound by passes over state-sized tensors and by per-op

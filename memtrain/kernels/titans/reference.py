@@ -1,4 +1,4 @@
-"""Titans neural long-term memory: the specification in plain torch (docs/titans_kernels.md "The memory, exactly").
+"""Titans neural long-term memory: the specification in plain torch (docs/titans_kernels.md#the-memory-exactly).
 
 Everything here is deliberately naive (a Python loop over tokens) so it can serve as the spec that every fast
 path in this package is tested against. Any dtype; autograd works through all functions, including through the
@@ -18,7 +18,7 @@ Semantics, per token t, chunk size b, absolute chunk grid c = (chunk_offset + t)
 Chained calls and the anchor: a call may start in the middle of a chunk (``chunk_offset`` = tokens of the current
 chunk already processed). The gradients of the rest of that chunk are taken at the memory of the chunk's start,
 so the state must carry it: state = (M, S, M_anchor). Every op returns that 3-tuple; a 2-tuple (M, S) is accepted
-as input when chunk_offset == 0 (the anchor is then M itself). This is what makes docs/titans_kernels.md "The memory, exactly" property 2 (one pass ==
+as input when chunk_offset == 0 (the anchor is then M itself). This is what makes docs/titans_kernels.md#the-memory-exactly property 2 (one pass ==
 chained passes over pieces of any length) hold for b > 1.
 
 Deep memory form (``deep_*``): a plain MLP per head, no residual,

@@ -1,7 +1,7 @@
 """Triton kernels for the linear Titans memory: the chunk step, forward and hand-written backward.
 
 One program per (batch, head) walks the chunks in order (backward: in reverse) with the state (W, S) and the
-gradient-memory W_grad held on chip; per chunk it does the dual-form matmuls of docs/titans_kernels.md "The memory, exactly":
+gradient-memory W_grad held on chip; per chunk it does the dual-form matmuls of docs/titans_kernels.md#the-memory-exactly:
 
     E = K W_grad^T - V                      [b, Dv]
     Y = diag(beta) Q W^T + diag(c) Q S^T - 2 (Ctheta * Q K^T) E

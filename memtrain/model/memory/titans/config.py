@@ -23,7 +23,7 @@ class TitansConfig:
     """MAC segment length L: attention runs within [persistent ‖ retrieved ‖ segment]."""
 
     chunk_size: int = 16
-    """Tokens per memory chunk b: all gradients of a chunk use the chunk-start memory (docs/titans_kernels.md "The memory, exactly")."""
+    """Tokens per memory chunk b: all gradients of a chunk use the chunk-start memory (docs/titans_kernels.md#the-memory-exactly)."""
 
     memory_depth: int = 1
     """Layers of the memory MLP: 1 is the linear memory (exact chunk-parallel form), >= 2 a deep MLP."""

@@ -1,4 +1,4 @@
-"""The Titans neural long-term memory as a layer (Titans §3.1, eqs. 8-15; docs/titans_kernels.md "The memory, exactly").
+"""The Titans neural long-term memory as a layer (Titans §3.1, eqs. 8-15; docs/titans_kernels.md#the-memory-exactly).
 
     x [B, n, D] --query, kv (columns)--> [short depthwise causal conv] --> q, k = ℓ2norm(SiLU(.)), v   per head
     x [B, n, D] --gates (column)--> θ, η, α = sigmoid(.)                                          per token, per head
