@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -23,7 +24,7 @@ from tqdm import tqdm
 from memtrain.data.errors import DataError, ArgumentParser, run_cli
 from memtrain.data.manifest import ShardMeta, build_manifest, write_manifest
 from memtrain.data.shards import dtype_for_vocab, write_shard
-from memtrain.data.sources import expand_inputs, read_documents, stdlib_files, stdlib_root
+from memtrain.data.sources import drop_binary, expand_inputs, read_documents, stdlib_files, stdlib_root
 from memtrain.data.tokenizer import Tokenizer, train_tokenizer
 
 TOKENIZER_FILE = "tokenizer.model"
@@ -73,7 +74,9 @@ def resolve_files(args: argparse.Namespace) -> tuple[list[str], dict]:
             kept.append(f)
             total += os.path.getsize(f)
         files = kept
-    return files, {"kind": "files", "inputs": list(args.input)}
+    # Only --input is sniffed: the stdlib corpus is the interpreter's own source, and skipping its few non-UTF-8
+    # test files would change the default dataset.
+    return drop_binary(files), {"kind": "files", "inputs": list(args.input)}
 
 
 def sample_lines(files: list[str], k: int, seed: int) -> list[str]:
@@ -93,6 +96,26 @@ def sample_lines(files: list[str], k: int, seed: int) -> list[str]:
                     reservoir[j] = line
             seen += 1
     return reservoir
+
+
+def _training_error(exc: DataError, files: list[str], lines: list[str], args: argparse.Namespace) -> DataError:
+    """sentencepiece's failure restated as its cause, with how much text it had, and the fix for that cause."""
+    msg, vocab_size = str(exc), args.vocab_size
+    more = "raise --tokenizer-sentences" if len(lines) >= args.tokenizer_sentences else "add input files"
+    read = (f"the tokenizer sample ({len(lines):,} lines, {sum(map(len, lines)):,} characters from "
+            f"{len(files)} file(s))")
+    too_high = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", msg)
+    if too_high:
+        return DataError(f"{read} is too little text for --vocab-size {vocab_size}: it yields at most "
+                         f"{too_high.group(2)} pieces; pass --vocab-size {too_high.group(2)} or less, or {more}")
+    chars = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", msg)
+    if chars:
+        return DataError(f"{read} needs {chars.group(2)} pieces for its distinct characters alone, more than "
+                         f"--vocab-size {vocab_size}; raise --vocab-size to at least {chars.group(2)}, or leave "
+                         f"out inputs in other alphabets or with non-text content")
+    if msg.startswith("sentencepiece could not train"):  # another sentencepiece failure: keep its words, add the size
+        return DataError(f"{msg.rsplit('; lower --vocab-size', 1)[0]} (trained on {read})")
+    return exc  # the recipe's own checks (vocabulary below the minimum, no text) already say what to change
 
 
 class _SplitWriter:
@@ -139,7 +162,10 @@ def prepare(args: argparse.Namespace) -> dict:
         tok = Tokenizer(tok_path)
     else:
         lines = sample_lines(files, args.tokenizer_sentences, args.seed)
-        tok = train_tokenizer(lines, tok_path, args.vocab_size)
+        try:
+            tok = train_tokenizer(lines, tok_path, args.vocab_size)
+        except DataError as exc:
+            raise _training_error(exc, files, lines, args) from None
     dtype = dtype_for_vocab(tok.vocab_size)
     writers = {s: _SplitWriter(args.out, s, dtype, args.shard_tokens) for s in ("train", "val")}
     sizes = {f: os.path.getsize(f) for f in files}

@@ -2,7 +2,8 @@
 
 A document is one text file, or one line of a .jsonl file (its "text" field); `.gz` versions of every
 type are read transparently. Files are taken in sorted path order so the same inputs always give the
-same documents, and bytes that are not UTF-8 are replaced (deterministically) instead of failing.
+same documents, and bytes that are not UTF-8 are replaced (deterministically) instead of failing; files that
+look binary (`drop_binary`) are skipped with a warning before that.
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import glob
 import gzip
 import json
 import os
+import re
+import sys
 import sysconfig
 import zlib
 from dataclasses import dataclass
@@ -21,6 +24,11 @@ TEXT_SUFFIXES = (".txt", ".md", ".py")
 SUFFIXES = TEXT_SUFFIXES + (".jsonl",)
 # Folders of the stdlib tree that are not the standard library itself (third-party or generated code).
 _STDLIB_SKIP = {"site-packages", "dist-packages", "__pycache__"}
+# A file is binary when its first SNIFF_BYTES hold a NUL byte or more than BINARY_SHARE of bytes that are not
+# UTF-8 (random or compressed data: about half; Latin-1 prose: a few percent).
+SNIFF_BYTES = 8192
+BINARY_SHARE = 0.3
+_UNDECODABLE = re.compile("[\udc80-\udcff]")
 
 
 @dataclass(frozen=True)
@@ -78,15 +86,47 @@ def stdlib_files(max_files: int | None = None, max_bytes: int | None = None) -> 
     return out
 
 
-def _read_bytes(path: str) -> bytes:
+def _read_bytes(path: str, limit: int = -1) -> bytes:
+    """The (decompressed) bytes of `path`, or its first `limit` of them."""
     try:
         if path.endswith(".gz"):
             with gzip.open(path, "rb") as f:
-                return f.read()
+                return f.read(limit)
         with open(path, "rb") as f:
-            return f.read()
+            return f.read(limit)
     except (OSError, EOFError, zlib.error) as exc:
         raise DataError(f"{path}: cannot read ({exc.__class__.__name__}: {exc}); fix or remove the file")
+
+
+def binary_reason(path: str) -> str | None:
+    """Why `path` looks binary rather than UTF-8 text, judged by its first 8 KiB (decompressed), or None.
+
+    Binary bytes would not fail later: they decode to replacement characters and junk pieces that bloat the
+    tokenizer's alphabet, so a stray image or archive in the corpus must be caught here.
+    """
+    head = _read_bytes(path, SNIFF_BYTES)
+    if b"\0" in head:
+        return f"a NUL byte in its first {SNIFF_BYTES // 1024} KiB"
+    # surrogateescape maps each byte that is not UTF-8 to one lone surrogate, so they can be counted.
+    bad = len(_UNDECODABLE.findall(head.decode("utf-8", errors="surrogateescape")))
+    if head and bad / len(head) > BINARY_SHARE:
+        return f"{bad / len(head):.0%} of its first {SNIFF_BYTES // 1024} KiB is not UTF-8"
+    return None
+
+
+def drop_binary(paths: list[str]) -> list[str]:
+    """`paths` without the files that look binary, each named in a warning on stderr; an error if none is left."""
+    kept = []
+    for path in paths:
+        reason = binary_reason(path)
+        if reason is None:
+            kept.append(path)
+        else:
+            print(f"warning: skipping {path}: it looks binary ({reason}); convert it to UTF-8 text or leave it out "
+                  f"of --input", file=sys.stderr)
+    if paths and not kept:
+        raise DataError(f"all {len(paths)} input file(s) look binary (see the warnings above); --input takes UTF-8 text")
+    return kept
 
 
 def read_documents(paths: list[str]) -> Iterator[Document]:

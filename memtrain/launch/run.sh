@@ -69,11 +69,30 @@ fi
 # Ranks run in the caller's directory (relative --config and --run-dir paths mean what they say) and import
 # memtrain from where this script lies, installed or not.
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
-# Not exec: the EXIT trap must still remove the env file. TERM/INT sent to this script are passed on to the
-# runner (which passes them to every rank: each saves a checkpoint and exits).
+# Not exec: the EXIT trap must still remove the env file, and TERM/INT must reach the ranks. DeepSpeed's runner
+# forwards nothing on one machine (and its per-node launcher kills ranks after 30 s), so a signal sent to this
+# script (by SLURM, a scheduler, Ctrl-C) goes straight to this machine's ranks: each finishes its step, saves a
+# checkpoint and exits with code 75, which the launcher passes back here. Over ssh (a hostfile without
+# --no-ssh) the runner's own handler signals the ranks on every node.
 "$python" -m deepspeed.launcher.runner "${args[@]}" --module memtrain.train "$@" &
 runner=$!
-trap 'kill -TERM "$runner" 2>/dev/null' TERM INT
+
+descendants() {  # every process below pid $1
+  local child
+  for child in $(pgrep -P "$1" 2>/dev/null); do echo "$child"; descendants "$child"; done
+}
+forward() {  # $1: the signal
+  if [ -n "$hostfile" ] && [ "$no_ssh" = 0 ]; then kill -"$1" "$runner" 2>/dev/null; return; fi
+  local pid
+  for pid in $(descendants "$runner"); do
+    # the ranks are `python -u -m memtrain.train ...`; the launcher between them only mentions the module
+    if tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -q -- ' -m memtrain.train '; then
+      kill -"$1" "$pid" 2>/dev/null
+    fi
+  done
+}
+trap 'forward TERM' TERM
+trap 'forward INT' INT
 status=0
 wait "$runner" || status=$?
 while kill -0 "$runner" 2>/dev/null; do wait "$runner" || status=$?; done  # a trapped signal ended the first wait

@@ -1,7 +1,8 @@
 """`python -m memtrain.train --config configs/X.toml [--set a.b=value ...] [--run-dir DIR] [--resume auto]`.
 
-User errors (missing config file, key typos, impossible layouts, bad data) print one line on stderr
-and exit with code 2; they never end in a traceback.
+Exit codes: 0 done; 2 a user error (missing config file, key typos, impossible layouts, bad data, a run
+directory in use): one line on stderr, never a traceback; 75 (EX_TEMPFAIL) stopped by SIGTERM / SIGINT after
+saving a checkpoint at the end of the step, resume with `--resume auto`; 1 another rank was lost.
 """
 from __future__ import annotations
 
@@ -13,13 +14,18 @@ from pathlib import Path
 
 from .configtree import ConfigError
 
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped by a signal with a checkpoint saved; resume to continue
+
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean 'the user asked for something impossible' rather than a bug."""
     from memtrain.data.errors import DataError
     from memtrain.launch.config import LayoutError
     from memtrain.model.errors import ModelConfigError
-    return ConfigError, DataError, LayoutError, ModelConfigError
+
+    from .checkpoint import CheckpointError
+    from .rundir import RunDirError
+    return ConfigError, DataError, LayoutError, ModelConfigError, CheckpointError, RunDirError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -29,6 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="override one config value, e.g. --set model.n_layers=4 (repeatable)")
     p.add_argument("--run-dir", help="where logs and checkpoints go (default runs/<config>-<time>)")
     p.add_argument("--resume", default="none", help="none, auto (newest complete checkpoint) or a path")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a --run-dir that holds an earlier run (its checkpoints and logs are deleted)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     # the DeepSpeed launcher appends --local_rank=N; the rank comes from the environment anyway
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -49,7 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         name = Path(args.config).stem if args.config else "default"
         default_run_dir = f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}"  # rank 0's choice is broadcast
         from .trainer import Trainer
-        trainer = Trainer(cfg, args.run_dir, resume=args.resume, default_run_dir=default_run_dir)
+        if args.overwrite and args.resume != "none":
+            raise ConfigError("--overwrite starts afresh and --resume continues: give one of them")
+        trainer = Trainer(cfg, args.run_dir, resume=args.resume, overwrite=args.overwrite,
+                          default_run_dir=default_run_dir)
         run_dir = trainer.run_dir
         if trainer.is_main:
             print(f"# resolved config (saved to {run_dir / 'config.toml'})")
@@ -66,6 +77,12 @@ def main(argv: list[str] | None = None) -> int:
         if trainer.is_main:
             print(f"tensorboard logs: {summary['tensorboard']}")
             print(f"checkpoint:       {summary['checkpoint']}")
+        if summary["interrupted"]:
+            if trainer.is_main:
+                print(f"stopped at step {summary['steps']} of {cfg.schedule.steps} by a signal; checkpoint "
+                      f"{summary['checkpoint']}; continue with --run-dir {run_dir} --resume auto",
+                      file=sys.stderr, flush=True)
+            return EXIT_STOPPED
     except user_errors() as e:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         where = f" (rank {os.environ.get('RANK', '0')})" if world > 1 else ""

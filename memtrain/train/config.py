@@ -168,9 +168,24 @@ class Config:
                               f"[0, schedule.steps={self.schedule.steps}]")
         if not 0.0 <= self.schedule.min_lr_ratio <= 1.0:
             raise ConfigError(f"schedule.min_lr_ratio={self.schedule.min_lr_ratio} must lie in [0, 1]")
-        if self.optim.lr <= 0 or self.optim.grad_clip < 0 or self.checkpoint.every < 0 or self.logging.eval_every < 0:
-            raise ConfigError("optim.lr must be positive; optim.grad_clip, checkpoint.every and "
-                              "logging.eval_every must be >= 0")
+        _check_optim(self.optim)
+        for key, value in (("checkpoint.every", self.checkpoint.every), ("logging.eval_every", self.logging.eval_every)):
+            if value < 0:
+                raise ConfigError(f"{key} must be >= 0 (0 disables it), got {value}")
+
+
+def _check_optim(o: OptimConfig) -> None:
+    """AdamW's ranges, one key per message. Written as `lo <= x < hi` tests so NaN fails too (`nan <= 0` is False)."""
+    inf = float("inf")
+    checks = (("optim.lr", o.lr, 0.0 < o.lr < inf, "must be a finite number > 0, e.g. 3e-4"),
+              ("optim.weight_decay", o.weight_decay, 0.0 <= o.weight_decay < inf, "must be a finite number >= 0, e.g. 0.1"),
+              ("optim.beta1", o.beta1, 0.0 <= o.beta1 < 1.0, "must lie in [0, 1), e.g. 0.9"),
+              ("optim.beta2", o.beta2, 0.0 <= o.beta2 < 1.0, "must lie in [0, 1), e.g. 0.95"),
+              ("optim.eps", o.eps, 0.0 <= o.eps < inf, "must be a finite number >= 0, e.g. 1e-8"),
+              ("optim.grad_clip", o.grad_clip, 0.0 <= o.grad_clip, "must be >= 0 (0 disables clipping), e.g. 1.0"))
+    for key, value, ok, rule in checks:
+        if not ok:
+            raise ConfigError(f"{key}={value} {rule}")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import re
 import textwrap
 import tomllib
 import types
@@ -84,7 +85,8 @@ def read_toml(path, *, what: str, where: str) -> dict[str, Any]:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """'a.b=value' -> (['a', 'b'], value); the value is read as TOML, else taken as a plain string."""
+    """'a.b=value' -> (['a', 'b'], value); the value is read as TOML, else taken as a plain string, unless it
+    plainly tried to be TOML (a list, table, quoted string or number that does not parse): a ConfigError."""
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set model.n_layers=4")
     key, raw = text.split("=", 1)
@@ -93,9 +95,24 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"--set {text!r}: empty key")
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw
+    except tomllib.TOMLDecodeError as e:
+        if not _meant_as_toml(raw):
+            return key.split("."), raw  # a bare word or path (model.memory=mac, data.path=data_cache/x)
+        # Column numbers count from the start of the value, not of the "v = " prefix parsed above.
+        why = re.sub(r"at line 1, column (\d+)", lambda m: f"at character {int(m.group(1)) - 4}", str(e))
+        raise ConfigError(f"--set {key}={raw}: not a valid TOML value ({why}); write TOML, e.g. 3, 1e-3, [0, -1] "
+                          f"or a quoted string \"text\" (a bare word such as mac needs no quotes)") from None
     return key.split("."), value
+
+
+# What a failed TOML value must look like to be an error rather than a plain string: the start of a list,
+# table or quoted string, or a number-like token (1e, 0x, 1_, .5, +1e+).
+_NUMBER_LIKE = re.compile(r"[+-]?(0[xob]\w*|[\d_]*\.?[\d_]*([eE][+-]?[\d_]*)?)")
+
+
+def _meant_as_toml(raw: str) -> bool:
+    raw = raw.strip()
+    return raw[:1] in ("[", "{", '"', "'") or (bool(_NUMBER_LIKE.fullmatch(raw)) and any(c.isdigit() for c in raw))
 
 
 def apply_override(tree: dict[str, Any], text: str) -> None:

@@ -49,7 +49,11 @@ def import_hf(model_dir: Path, out: Path) -> Path:
         conf = json.loads(conf_file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ExportError(f"{conf_file} is unreadable ({e})") from None
-    tree = (conf.get("memtrain") or {}).get("config") if isinstance(conf, dict) else None
+    if not isinstance(conf, dict):
+        raise ExportError(f"{conf_file} holds a JSON {type(conf).__name__}, not an object of settings; "
+                          f"restore the config.json written by python -m memtrain.train.export_hf")
+    section = conf.get("memtrain")
+    tree = section.get("config") if isinstance(section, dict) else None
     if conf.get("model_type") != "memtrain" or not isinstance(tree, dict):
         raise ExportError(f"{model_dir} is not a memtrain export (config.json has no memtrain.config section)")
     cfg = convert.build_config(tree, str(model_dir))

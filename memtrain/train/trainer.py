@@ -26,6 +26,7 @@ from memtrain.model import LayerFactory, build_model
 from memtrain.model.memory import memory_spec
 
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .rundir import RunDirError, claim_run_dir, trim_metrics
 from .config import Config, ConfigError
 from .configtree import to_toml
 from .engines import build_engine
@@ -60,15 +61,26 @@ def _is_weights_only(path: Path) -> bool:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors, numbers and lists only: what a weights-only load reads back."""
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(words), gauss], "torch": torch.get_rng_state(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, words, gauss = state["python"]
+    random.setstate((version, tuple(words), gauss))
+    n = state["numpy"]
+    if isinstance(n, dict):
+        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                             n["cached_gaussian"]))
+    else:  # a checkpoint written before the state became tensors: numpy's own tuple
+        np.random.set_state(n)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -77,7 +89,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 class Trainer:
     """Owns the model, optimizer, schedule, stream and run directory of one training run."""
 
-    def __init__(self, cfg: Config, run_dir: str | Path | None, *, resume: str = "none",
+    def __init__(self, cfg: Config, run_dir: str | Path | None, *, resume: str = "none", overwrite: bool = False,
                  default_run_dir: str = "runs/default"):
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
@@ -96,6 +108,9 @@ class Trainer:
             check_vocabulary(cfg.model, cfg.parallel)
         except LayoutError as e:
             raise ConfigError(str(e)) from None
+
+        # the run directory is claimed (locked, checked) before the model is built: a mistake costs nothing
+        self.lock = self._claim_run_dir(resume, overwrite)
 
         factory = LayerFactory()
         if self.layout.tp > 1:
@@ -120,13 +135,38 @@ class Trainer:
         self.stop_requested = False
         self.metrics = None
         self.writer = None
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.toml").write_text(to_toml(cfg))
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(self.run_dir / "tb"))
         if resume_path is not None:
             self._resume(resume_path)
+        if self.is_main:  # only now, with the resume accepted, is anything of this run written
+            (self.run_dir / "config.toml").write_text(to_toml(cfg))
+            trim_metrics(self.run_dir / "metrics.jsonl", self.step)
+            from torch.utils.tensorboard import SummaryWriter
+            # purge_step: events of steps after the resumed one (logged before a crash) are dropped
+            self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step + 1 if self.step else None)
+
+    def _claim_run_dir(self, resume: str, overwrite: bool):
+        """Rank 0 locks and checks the run directory (memtrain/train/rundir.py); every rank raises its error."""
+        lock, message = None, ""
+        if self.is_main:
+            try:
+                lock = claim_run_dir(self.run_dir, resume=resume, overwrite=overwrite,
+                                     checkpoint_bytes=self._checkpoint_bytes())
+            except RunDirError as e:
+                message = str(e)
+        message = _agree(message)
+        if message:
+            raise RunDirError(message)
+        return lock
+
+    def _checkpoint_bytes(self) -> int:
+        """Estimated size of one checkpoint of the whole run: fp32 weights and two Adam moments per data-parallel
+        replica (every replica writes its shard files), plus DeepSpeed's own copy when it runs the step. The
+        parameters are counted from the config's shapes (the export's table): nothing is allocated."""
+        from .hf.convert import native_shapes
+        n = sum(math.prod(shape) for shape in native_shapes(self.cfg.model).values())
+        from .engines import use_deepspeed
+        copies = self.layout.dp + (1 if use_deepspeed(self.cfg, self.layout) else 0)
+        return int(n * 4 * 3 * copies)
 
     # ---- checkpoints -----------------------------------------------------------------------------
 

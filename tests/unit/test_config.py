@@ -95,6 +95,51 @@ def test_bad_values_name_the_key(override, key):
     assert key in message and "\n" not in message
 
 
+_RANGED_KEYS = ("optim.lr", "optim.weight_decay", "optim.beta1", "optim.beta2", "optim.eps", "optim.grad_clip",
+                "checkpoint.every", "logging.eval_every")
+
+
+@pytest.mark.parametrize("override, key", [
+    ("optim.lr=nan", "optim.lr"),                         # NaN slips through `<= 0` tests
+    ("optim.lr=0", "optim.lr"),
+    ("optim.lr=inf", "optim.lr"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay"),
+    ("optim.beta1=1.5", "optim.beta1"),
+    ("optim.beta2=1.0", "optim.beta2"),
+    ("optim.beta2=-0.5", "optim.beta2"),
+    ("optim.eps=-1e-8", "optim.eps"),
+    ("optim.grad_clip=nan", "optim.grad_clip"),
+    ("optim.grad_clip=-1", "optim.grad_clip"),
+    ("checkpoint.every=-1", "checkpoint.every"),
+    ("logging.eval_every=-1", "logging.eval_every"),
+])
+def test_out_of_range_optimizer_and_interval_values_name_exactly_that_key(override, key):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    message = str(info.value)
+    assert key in message and "\n" not in message
+    assert [k for k in _RANGED_KEYS if k in message] == [key], message
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.global_layers=[-1", "model.global_layers"),  # unclosed list
+    ("data.path=\"data_cache/x", "data.path"),           # unterminated string
+    ("model.rmt={segment_len=32", "model.rmt"),          # unclosed table
+    ("optim.lr=1e", "optim.lr"),                         # half a number
+    ("optim.lr=0x", "optim.lr"),
+])
+def test_malformed_set_value_is_a_toml_error_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match="not a valid TOML value") as info:
+        load_config(None, [override])
+    message = str(info.value)
+    assert message.startswith(f"--set {key}=") and "\n" not in message
+
+
+def test_bare_words_and_paths_stay_strings():
+    cfg = load_config(None, ["model.memory=mac", "data.path=data_cache/x", "device=cpu"])
+    assert (cfg.model.memory, cfg.data.path, cfg.device) == ("mac", "data_cache/x", "cpu")
+
+
 def test_window_larger_than_sequence_is_checked_against_data_seq_len():
     with pytest.raises(ConfigError, match="model.window"):
         load_config(None, ["data.seq_len=64", "model.window=128"])
@@ -110,6 +155,7 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess:
     (["--config", "configs/demo.toml", "--set", "model.n_layerz=2"], "model.n_layerz"),
     (["--config", "configs/demo.toml", "--set", "parallel.tp=3"], "parallel.tp"),
     (["--set", "optim"], "KEY=VALUE"),
+    (["--config", "configs/demo.toml", "--set", "model.global_layers=[-1"], "model.global_layers=[-1: not a valid TOML"),
     # an impossible layout: TP = 2 in a single process
     (["--config", "configs/demo.toml", "--set", "parallel.tp=2", "--set", "data.path=\"/nonexistent\""], "world size"),
     (["--config", "configs/demo.toml", "--set", "parallel.zero_stage=2", "--set", "parallel.engine=\"torch\""],

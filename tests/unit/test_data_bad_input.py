@@ -10,7 +10,7 @@ import pytest
 from memtrain.data.config import DataConfig
 from memtrain.data.errors import DataError, DataWarning
 from memtrain.data.manifest import load_manifest
-from memtrain.data.shards import read_shard
+from memtrain.data.shards import read_shard, write_shard
 from memtrain.data.stream import build_stream
 from memtrain.data.testing import tiny_dataset
 from memtrain.data.verify import main as verify_main
@@ -86,6 +86,19 @@ def test_truncated_tar_without_checksum_is_caught(ds):
         f.truncate(900)
     with pytest.raises(DataError, match=name):
         read_shard(path)
+
+
+def test_token_ids_outside_the_vocabulary_are_one_line_error_naming_the_shard(ds):
+    # shards made with another (bigger) tokenizer: same counts and a valid checksum, but ids >= vocab_size
+    m = load_manifest(ds)
+    name = first_train(ds)
+    samples = read_shard(m.path(m.split("train")[0]))
+    samples[-1].tokens[-1] = m.vocab_size + 5
+    write_shard(os.path.join(ds, name), [(s.key, s.tokens, s.fields) for s in samples])
+    rewrite_checksum(ds, name)
+    with pytest.raises(DataError, match="outside the manifest's vocabulary of 320") as e:
+        read_all(build_stream(cfg(ds)))
+    assert name in str(e.value) and "\n" not in str(e.value) and "memtrain.data.prepare" in str(e.value)
 
 
 def test_skip_bad_shards_warns_counts_and_goes_on(ds):

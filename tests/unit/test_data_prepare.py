@@ -113,3 +113,38 @@ def test_bad_jsonl_line_names_file_and_line(tmp_path):
 def test_vocab_too_large_for_corpus_is_a_data_error(corpus, tmp_path):
     with pytest.raises(DataError, match="vocab"):
         prepare_tiny(corpus, str(tmp_path / "o"), vocab_size=50000)
+
+
+def test_binary_inputs_are_skipped_with_a_warning_naming_each(corpus, tmp_path, capsys):
+    import random
+    import shutil
+    mixed = tmp_path / "mixed"
+    shutil.copytree(corpus, mixed)
+    rng = random.Random(0)
+    (mixed / "nul.txt").write_bytes(b"PK\x03\x04\x00\x00" + b"looks like text\n" * 50)  # a NUL byte: binary
+    (mixed / "blob.md").write_bytes(bytes(rng.randrange(1, 256) for _ in range(20000)))  # no NUL, mostly not UTF-8
+    (mixed / "latin1.txt").write_bytes("café crème brûlée\n".encode("latin-1") * 20)  # a little non-UTF-8: text
+    raw = prepare_tiny(str(mixed), str(tmp_path / "o"))
+    err = capsys.readouterr().err
+    warned = [line for line in err.splitlines() if line.startswith("warning: skipping")]
+    assert len(warned) == 2 and "nul.txt" in warned[1] and "blob.md" in warned[0] and "binary" in err, err
+    assert raw["source"]["files"] == len(os.listdir(corpus)) + 1  # the text files, latin1.txt included
+
+
+def test_vocab_too_large_for_corpus_names_the_text_read_and_the_fix(corpus, tmp_path):
+    with pytest.raises(DataError) as e:
+        prepare_tiny(corpus, str(tmp_path / "o"), vocab_size=50000)
+    msg = str(e.value)
+    assert "too little text for --vocab-size 50000" in msg and "characters from" in msg, msg
+    assert "or less" in msg and "lower --vocab-size or add text" not in msg, msg
+
+
+def test_too_many_distinct_characters_asks_for_a_larger_vocabulary(tmp_path):
+    import random
+    corpus = tmp_path / "cjk"
+    write_corpus(str(corpus), n_docs=10)
+    chars = [chr(0x4E00 + i) for i in range(800)] * 60  # 800 characters, each too frequent to leave out
+    random.Random(0).shuffle(chars)
+    (corpus / "cjk.txt").write_text("\n".join("".join(chars[i:i + 80]) for i in range(0, len(chars), 80)))
+    with pytest.raises(DataError, match=r"distinct characters .* raise --vocab-size to at least \d+"):
+        prepare_tiny(str(corpus), str(tmp_path / "o"))

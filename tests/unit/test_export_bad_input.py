@@ -122,6 +122,39 @@ def test_import_refuses_what_is_not_a_memtrain_export(tmp_path, capsys):
     assert not (tmp_path / "ck").exists()
 
 
+def fake_export(out: Path) -> Path:
+    """A minimal import_hf input: config.json and a single model.safetensors (as transformers saves one)."""
+    from safetensors.torch import save_file
+
+    from memtrain.train.hf import convert
+    cfg = Config(model=ModelConfig(vocab_size=100, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64))
+    out.mkdir()
+    conf = convert.hf_config(cfg, step=5, source="test", dtype="float32", special_ids={})
+    (out / "config.json").write_text(json.dumps(conf))
+    save_file(convert.native_to_hf(build_model(cfg.model).state_dict(), cfg.model), str(out / "model.safetensors"))
+    return out
+
+
+def test_import_of_a_truncated_safetensors_file_names_it(tmp_path, capsys):
+    src = fake_export(tmp_path / "hf")
+    weights = src / "model.safetensors"
+    assert import_hf.main(["--model", str(src), "--out", str(tmp_path / "ok")]) == 0
+    capsys.readouterr()
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    code = import_hf.main(["--model", str(src), "--out", str(tmp_path / "ck")])
+    assert_one_line_error(code, capsys.readouterr().err, str(weights), "truncated")
+    assert not (tmp_path / "ck").exists()
+
+
+def test_import_of_a_config_json_that_is_not_an_object_names_it(tmp_path, capsys):
+    src = fake_export(tmp_path / "hf")
+    (src / "config.json").write_text(json.dumps([{"model_type": "memtrain"}]))
+    code = import_hf.main(["--model", str(src), "--out", str(tmp_path / "ck")])
+    assert_one_line_error(code, capsys.readouterr().err, str(src / "config.json"), "not an object")
+    assert not (tmp_path / "ck").exists()
+
+
 def test_cli_errors_show_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "memtrain.train.export_hf", "--checkpoint", str(tmp_path / "nope"),
                            "--out", str(tmp_path / "hf")], cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -12,10 +12,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from memtrain.launch.shm import release_shm_buffers
 from memtrain.launch.groups import Layout
 
 from ..config import Config, ConfigError
 from ..optim import build_optimizer, build_scheduler, grad_norm
+from . import deepspeed_file_loader
 from .local import LocalEngine
 
 
@@ -39,6 +41,7 @@ class DeepSpeedEngine(LocalEngine):
         mpu = MegatronMPU(with_context_parallel=layout.cp > 1) if dist.is_initialized() else None
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.json, mpu=mpu)
+        release_shm_buffers()  # DeepSpeed's CPU all-reduce buffers leave /dev/shm with the last rank
         self.module = self.engine.module
         self.zero_stage = cfg.parallel.zero_stage
         self.params = [p for p in self.module.parameters() if p.requires_grad]
@@ -87,4 +90,5 @@ class DeepSpeedEngine(LocalEngine):
         # DeepSpeed's checkpoint restores the weights too (partitioned ones under ZeRO-3).
         from memtrain.launch.deepspeed_config import load_engine_state
         load_engine_state(self.engine, directory, ConfigError(
-            f"checkpoint {directory} holds no DeepSpeed state: resume with the same parallel.engine"))
+            f"checkpoint {directory} holds no DeepSpeed state: resume with the same parallel.engine"),
+            load=deepspeed_file_loader())

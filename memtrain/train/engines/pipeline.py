@@ -14,12 +14,13 @@ from pathlib import Path
 import torch
 
 from memtrain.launch.config import LayoutError, check_layout
+from memtrain.launch.shm import release_shm_buffers
 from memtrain.launch.groups import Layout, tensor_parallel_group
 from memtrain.launch.pipeline import build_pipeline, stage_parameters
 from memtrain.model.transformer import DecoderLM
 
 from ..optim import build_optimizer, build_scheduler, clip_gradients
-from . import micro_batches
+from . import deepspeed_file_loader, micro_batches
 
 
 class PipelineEngine:
@@ -59,6 +60,7 @@ class PipelineEngine:
             (run_dir / "deepspeed.json").write_text(json.dumps(self.json, indent=2))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.pipe, optimizer=optimizer, lr_scheduler=scheduler, config=self.json)
+        release_shm_buffers()  # DeepSpeed's CPU all-reduce buffers leave /dev/shm with the last rank
         self.module = self.engine.module  # the PipelineModule (not callable like the model: use train_step)
         self.tp_group = tensor_parallel_group() if layout.tp > 1 else None
         grid = self.pipe.mpu()
@@ -116,5 +118,5 @@ class PipelineEngine:
         from memtrain.launch.deepspeed_config import load_engine_state
         load_engine_state(self.engine, directory, LayoutError(
             f"checkpoint {directory} holds no DeepSpeed pipeline state: resume with the same parallel.engine "
-            f"and parallel.pp"))
+            f"and parallel.pp"), load=deepspeed_file_loader())
 

@@ -27,6 +27,7 @@ import torch
 from memtrain.data.tasks.symbolic import chance
 from memtrain.model.memory import memory_kinds, memory_spec
 
+from ..checkpoint import safe_torch_load
 from ..configtree import ConfigError, to_toml
 from .config import LongContextConfig, variant_model
 from .evaluate import accuracy, performance
@@ -125,7 +126,7 @@ def run_long_context(cfg: LongContextConfig, run_dir: str | Path, out: str | Pat
 
 def _trained(vdir: Path, cfg: LongContextConfig) -> bool:
     path = vdir / "train.pt"
-    return path.is_file() and torch.load(path, map_location="cpu", weights_only=False)["step"] >= cfg.train.steps
+    return path.is_file() and safe_torch_load(path)["step"] >= cfg.train.steps
 
 
 def training_summary(cfg: LongContextConfig, run: Path) -> dict:
@@ -136,7 +137,7 @@ def training_summary(cfg: LongContextConfig, run: Path) -> dict:
         path = run / "variants" / v / "train.pt"
         if not path.is_file():
             continue
-        p = torch.load(path, map_location="cpu", weights_only=False)
+        p = safe_torch_load(path)
         params = p.get("params") or sum(t.numel() for t in p["model"].values())
         out[v] = {"params": params, "train_seconds": round(p["seconds"], 1), "steps": p["step"],
                   "final": p["log"][-1] if p["log"] else None, "memory": variant_model(cfg, v).memory}

@@ -24,6 +24,7 @@ from memtrain.data.tasks.symbolic import symbolic_batch
 from memtrain.model.memory.rmt.config import segments_for_step
 from memtrain.model.transformer import build_model
 
+from ..checkpoint import safe_torch_load
 from .config import LongContextConfig, variant_model
 
 
@@ -68,7 +69,7 @@ def train_variant(cfg: LongContextConfig, variant: str, vdir: Path,
     ckpt = vdir / "train.pt"
     step, log, seconds = 0, [], 0.0
     if ckpt.is_file():
-        payload = torch.load(ckpt, map_location=device, weights_only=False)
+        payload = safe_torch_load(ckpt, map_location=device)
         model.load_state_dict(payload["model"])
         opt.load_state_dict(payload["optimizer"])
         step, log, seconds = payload["step"], payload["log"], payload["seconds"]

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from memtrain.model.memory import memory_spec
@@ -62,19 +63,30 @@ def write_sharded(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: 
 
 def read_sharded(model_dir: Path) -> dict[str, torch.Tensor]:
     """All tensors of an export (index form, or a single model.safetensors as transformers writes it)."""
-    single = model_dir / "model.safetensors"
-    try:
-        if (model_dir / INDEX).is_file():
+    if (model_dir / INDEX).is_file():
+        try:
             index = json.loads((model_dir / INDEX).read_text())
-            out: dict[str, torch.Tensor] = {}
-            for file in dict.fromkeys(index["weight_map"].values()):
-                out.update(load_file(str(model_dir / file)))
-            return out
-        if single.is_file():
-            return load_file(str(single))
-    except (OSError, KeyError, ValueError, json.JSONDecodeError) as e:
-        raise ExportError(f"the weights in {model_dir} are unreadable ({e.__class__.__name__}: {e})") from None
+            files = list(dict.fromkeys(index["weight_map"].values()))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ExportError(f"{model_dir / INDEX} is unreadable ({e.__class__.__name__}: {e}); "
+                              f"re-export the model or restore the file") from None
+        out: dict[str, torch.Tensor] = {}
+        for file in files:
+            out.update(_load(model_dir / str(file)))
+        return out
+    single = model_dir / "model.safetensors"
+    if single.is_file():
+        return _load(single)
     raise ExportError(f"{model_dir} holds no {INDEX} or model.safetensors")
+
+
+def _load(path: Path) -> dict[str, torch.Tensor]:
+    """One safetensors file; a truncated or corrupt one is safetensors' own error type, not an OSError."""
+    try:
+        return load_file(str(path))
+    except (OSError, ValueError, SafetensorError) as e:
+        raise ExportError(f"{path} is not a readable safetensors file ({e.__class__.__name__}: {e}); it is truncated "
+                          f"or corrupt: re-export the model or download the file again") from None
 
 
 def find_tokenizer(cfg_tree: dict[str, Any], ckpt: Path, override: str | None) -> Path:

@@ -93,11 +93,13 @@ def check_complete(ckpt: Path, layout: dict[str, Any]) -> None:
 
 
 def load_rank_model(path: Path) -> dict[str, torch.Tensor]:
+    from ..checkpoint import CheckpointError, safe_torch_load
     try:
-        # mmap: only the model tensors are read from disk, not the (2x larger) optimizer state next to them.
-        state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    except Exception as e:  # a truncated or foreign file: report it, do not crash
-        raise ExportError(f"{path} is not a readable checkpoint file ({e.__class__.__name__}: {e})") from None
+        # mmap: only the model tensors are read from disk, not the (2x larger) optimizer state next to them;
+        # weights only: nothing in the file can run code
+        state = safe_torch_load(path, "cpu", mmap=True)
+    except CheckpointError as e:  # a truncated, foreign or crafted file: report it, do not crash or run it
+        raise ExportError(str(e)) from None
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise ExportError(f"{path} holds no model state dict")
     return {k: v for k, v in state["model"].items() if isinstance(v, torch.Tensor)}
