@@ -42,9 +42,15 @@ class ParallelConfig:
     """Who runs the optimizer step: deepspeed, torch (plain loop), or auto (deepspeed when more than one
     process or zero_stage > 0, else torch)."""
 
+    activation_checkpoint: str = "none"
+    """Recompute activations in the backward instead of storing them, on every engine: none; full (keep only
+    each block's input, recompute the block); selective (keep the matmul outputs, recompute attention and the
+    memory's internals). Memory/time per mode: docs/distributed.md. Pipelines: full = one block per
+    checkpoint (see activation_checkpoint_interval); not with context parallelism yet."""
+
     activation_checkpoint_interval: int = 0
-    """Pipeline engine: recompute every k consecutive blocks in the backward instead of storing their
-    activations (1 = every block, 0 = off)."""
+    """Pipeline engines: recompute every k consecutive blocks in the backward instead of storing their
+    activations (1 = every block, 0 = as activation_checkpoint says)."""
 
     zero_stage: int = 0
     """DeepSpeed ZeRO stage 0-3 (partitions optimizer state, gradients, parameters over data × context
@@ -69,6 +75,13 @@ def check_layout(model: ModelConfig, parallel: ParallelConfig, seq_len: int) -> 
         raise LayoutError(f"parallel.tp={p.tp} must divide model.n_heads={model.n_heads} "
                           f"and model.n_kv_heads={model.kv_heads}")
     check_vocabulary(model, p)
+    if p.activation_checkpoint != "none" and p.cp > 1:
+        raise LayoutError(f"parallel.activation_checkpoint={p.activation_checkpoint!r} does not run with "
+                          f"parallel.cp={p.cp} yet (recomputing a block would repeat its rank-to-rank hand-offs): "
+                          f"set parallel.activation_checkpoint='none' or parallel.cp=1")
+    if p.activation_checkpoint == "selective" and p.pp > 1:
+        raise LayoutError(f"parallel.activation_checkpoint='selective' does not run with parallel.pp={p.pp} "
+                          f"(the pipeline engines recompute whole blocks): use 'full'")
     if p.cp > 1:
         if seq_len % p.cp:
             raise LayoutError(f"data.seq_len={seq_len} is not divisible by parallel.cp={p.cp}: every CP rank "

@@ -14,15 +14,16 @@ from megatron.core import parallel_state as ps
 
 
 def deepspeed_json(*, micro_batch: int, grad_accum: int, zero_stage: int, grad_clip: float,
-                   bf16: bool) -> dict[str, Any]:
-    """DeepSpeed config for our engine; the optimizer and schedule are ours, passed as objects."""
+                   bf16: bool, fp16: bool = False) -> dict[str, Any]:
+    """DeepSpeed config for our engine; the optimizer and schedule are ours, passed as objects. fp16 turns on
+    DeepSpeed's dynamic loss scaling (fp16 gradients underflow without it)."""
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": grad_clip,
         "zero_optimization": {"stage": zero_stage},
         "bf16": {"enabled": bf16},
-        "fp16": {"enabled": False},
+        "fp16": {"enabled": fp16, "loss_scale": 0, "initial_scale_power": 16},
         "steps_per_print": 2**31 - 1,  # our trainer logs; DeepSpeed's own prints would interleave with the bar
         "wall_clock_breakdown": False,
     }

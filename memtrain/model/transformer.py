@@ -9,6 +9,7 @@ may attend to.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import torch
@@ -17,6 +18,36 @@ from torch import nn
 from .config import ModelConfig
 from .factory import LayerFactory
 from .layers import Block, RMSNorm
+
+
+CHECKPOINT_MODES = ("none", "full", "selective")
+
+
+@functools.cache
+def _matmul_ops() -> frozenset:
+    """The aten matmul overloads every projection (nn.Linear, megatron's layers, einsum) dispatches to."""
+    aten = torch.ops.aten
+    return frozenset(getattr(aten, name).default for name in ("mm", "addmm", "bmm", "baddbmm") if hasattr(aten, name))
+
+
+def _keep_matmuls(ctx, op, *args, **kwargs):
+    """Selective checkpointing policy: keep what the matmuls produced (the costly part to recompute, and small
+    next to attention scores and memory-kernel intermediates), recompute everything else."""
+    from torch.utils.checkpoint import CheckpointPolicy
+    return CheckpointPolicy.MUST_SAVE if op in _matmul_ops() else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def run_checkpointed(mode: str, fn, *args, **kwargs):
+    """fn(*args, **kwargs), its activations recomputed in the backward per `mode`: "none" (kept), "full" (all
+    recomputed: only the inputs are kept) or "selective" (matmul outputs kept, the rest recomputed). Outside
+    autograd (no grad, eval) it is a plain call."""
+    if mode == "none" or not torch.is_grad_enabled():
+        return fn(*args, **kwargs)
+    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+    context = {}
+    if mode == "selective":
+        context["context_fn"] = lambda: create_selective_checkpoint_contexts(_keep_matmuls)
+    return checkpoint(fn, *args, use_reentrant=False, **context, **kwargs)
 
 
 class LMOutput(NamedTuple):
@@ -92,9 +123,21 @@ class DecoderLM(nn.Module):
                 f"and the padded vocabulary {cfg.padded_vocab_size}")
         self.cfg = cfg
         self.factory = factory
+        self.activation_checkpoint = "none"
         self.embed = Embed(cfg, factory)
         self.blocks = nn.ModuleList(Block(cfg, factory, i) for i in range(cfg.n_layers))
         self.head = Head(cfg, factory, self.embed)
+
+    def set_activation_checkpoint(self, mode: str) -> None:
+        """Recompute each block's activations in the backward: "none", "full" or "selective" (see
+        `run_checkpointed`). Every memory kind runs its blocks through `run_block`, so all of them obey it."""
+        if mode not in CHECKPOINT_MODES:
+            raise ValueError(f"activation checkpoint mode {mode!r} is not one of {', '.join(CHECKPOINT_MODES)}")
+        self.activation_checkpoint = mode
+
+    def run_block(self, fn, *args, **kwargs):
+        """One block's call `fn(*args, **kwargs)` (a block, or its `step`) under this model's checkpoint mode."""
+        return run_checkpointed(self.activation_checkpoint, fn, *args, **kwargs)
 
     def stages(self) -> list[nn.Module]:
         """The model as a flat sequence of tensor -> tensor stages (for pipeline parallelism)."""
@@ -124,7 +167,7 @@ class DecoderLM(nn.Module):
         offset = self.factory.sequence.text_offset(tokens.shape[1])  # rotary position of the first token
         h = self.embed(tokens)
         for block in self.blocks:
-            h = block(h, pos_offset=offset)
+            h = self.run_block(block, h, pos_offset=offset)
         return self.lm_output(self.head(h), targets)
 
     def lm_output(self, logits: torch.Tensor, targets: torch.Tensor | None, state: Any = None) -> LMOutput:

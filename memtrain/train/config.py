@@ -14,7 +14,7 @@ from memtrain.data.config import DataConfig
 from memtrain.launch.config import LayoutError, ParallelConfig, check_layout
 from memtrain.model.config import ModelConfig
 from memtrain.model.errors import ModelConfigError
-from memtrain.model.memory import load_plugins
+from memtrain.model.memory import load_plugins, memory_spec
 
 from .configtree import ConfigError, apply_override, build, read_toml
 
@@ -92,7 +92,9 @@ class Config:
     """cpu, cuda or auto (cuda when available)."""
 
     precision: str = "auto"
-    """fp32, bf16 (DeepSpeed engine), or auto: bf16 where the device supports it, fp32 otherwise."""
+    """fp32, bf16, fp16 (CUDA; with loss scaling), or auto: bf16 on a CUDA device that supports it, fp32 on a
+    CPU. Every engine: the torch engine runs the forward under autocast (weights and optimizer in fp32),
+    DeepSpeed keeps bf16/fp16 weights with fp32 master copies. The memory kernels keep their state in fp32."""
 
     plugins: list[str] = field(default_factory=list)
     """Python modules imported before the config is checked, e.g. one that registers a memory kind of its own
@@ -119,6 +121,31 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Progress bar and tensorboard."""
 
+    def check_device(self) -> None:
+        """What this machine's device can run: CUDA present, bf16/fp16 supported, flash-attn installed. Called by
+        the trainer before anything is built or written (a config file itself may target another machine)."""
+        import torch
+        device = self.device if self.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device='cuda' but no CUDA device is available: set device='cpu' or 'auto'")
+        if device == "cpu" and self.precision == "fp16":
+            raise ConfigError("precision='fp16' needs a CUDA device (CPUs train in fp32 or bf16): set "
+                              "precision='auto' or 'bf16'")
+        if device == "cpu" and self.precision == "bf16" and not cpu_supports_bf16():
+            raise ConfigError("precision='bf16' on a CPU without bf16 instructions (AVX-512 BF16 or AMX) would only "
+                              "emulate it: set precision='auto' (fp32 here)")
+        if device == "cuda" and self.precision in ("bf16",) and not torch.cuda.is_bf16_supported():
+            raise ConfigError("precision='bf16' is not supported by this GPU: set precision='fp16' or 'auto'")
+        if self.model.attention_backend == "flash":
+            import importlib.util
+            if device != "cuda" or importlib.util.find_spec("flash_attn") is None:
+                raise ConfigError(f"model.attention_backend='flash' needs a CUDA device with flash-attn installed "
+                                  f"(this run: {device}{'' if device != 'cuda' else ', no flash_attn'}); set "
+                                  f"model.attention_backend='auto', which picks flash where it can run")
+        if self.precision == "fp16" and memory_spec(self.model.memory).own_backward(self.model):
+            raise ConfigError("precision='fp16' needs loss scaling, which a memory kind's own backward (memory "
+                              "replay) does not apply: use precision='bf16' or 'fp32'")
+
     def validate(self) -> None:
         """Check values within and across sections (the world size is checked by launch)."""
         try:
@@ -139,8 +166,8 @@ class Config:
                            ("parallel.timeout_s", p.timeout_s), ("parallel.pp", p.pp), ("parallel.cp", p.cp)):
             if value <= 0:
                 raise ConfigError(f"{key} must be positive, got {value}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ConfigError(f"precision={self.precision!r} must be auto, fp32 or bf16")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision={self.precision!r} must be one of {', '.join(PRECISIONS)}")
         if p.engine not in ("auto", "torch", "deepspeed"):
             raise ConfigError(f"parallel.engine={p.engine!r} must be auto, torch or deepspeed")
         if not 0 <= p.zero_stage <= 3:
@@ -149,6 +176,9 @@ class Config:
             raise ConfigError(f"parallel.zero_stage={p.zero_stage} needs parallel.engine='deepspeed' (or 'auto')")
         if p.activation_checkpoint_interval < 0:
             raise ConfigError("parallel.activation_checkpoint_interval must be >= 0")
+        if p.activation_checkpoint not in ("none", "full", "selective"):
+            raise ConfigError(f"parallel.activation_checkpoint={p.activation_checkpoint!r} must be none, full or "
+                              f"selective")
         if self.optim.grad_accum < 1:
             raise ConfigError(f"optim.grad_accum must be >= 1, got {self.optim.grad_accum}")
         if p.dp < 0:
@@ -172,6 +202,25 @@ class Config:
         for key, value in (("checkpoint.every", self.checkpoint.every), ("logging.eval_every", self.logging.eval_every)):
             if value < 0:
                 raise ConfigError(f"{key} must be >= 0 (0 disables it), got {value}")
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def resolve_precision(precision: str, device_type: str) -> str:
+    """What `precision` means on a device of `device_type`: fp32, bf16 or fp16 (see Config.precision)."""
+    if precision != "auto":
+        return precision
+    if device_type == "cuda":
+        import torch
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "fp32"
+
+
+def cpu_supports_bf16() -> bool:
+    """bf16 matmuls in hardware (AVX-512 BF16 or AMX); without them autocast to bf16 only emulates it, slowly."""
+    import torch
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def _check_optim(o: OptimConfig) -> None:

@@ -27,8 +27,12 @@ from memtrain.model.memory import memory_spec
 FORMULA = ("(6*N_matmul + sum_layers 6*H*(d_qk+d_v)*C_layer) * positions_per_text_token"
            " + titans_memory_inner_work (docs/architecture.md#measuring; memtrain/train/flops.py)")
 
-# Dense bf16 tensor-core peaks (no sparsity) of common accelerators, FLOP/s.
-_GPU_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
+# Dense tensor-core peaks (no sparsity) of common accelerators, FLOP/s, by the precision of the matmuls: bf16 and
+# fp16 share a peak; fp32 is the plain (non-TF32) rate, what PyTorch runs by default.
+_GPU_PEAKS = {
+    "bf16": {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12},
+    "fp32": {"H200": 67e12, "H100": 67e12, "A100": 19.5e12, "L40S": 91.6e12, "A10": 31.2e12, "4090": 82.6e12},
+}
 
 
 def matmul_weights(model: nn.Module, tp_size: int = 1) -> int:
@@ -68,23 +72,33 @@ def flops_per_token(model: nn.Module, seq_len: int, tp_size: int = 1) -> float:
     return dense + spec.memory_flops_per_token(cfg)
 
 
-def peak_flops(device: torch.device, override_tflops: float = 0.0) -> tuple[float, str]:
-    """(peak FLOP/s of one device, where the number comes from)."""
+def peak_flops(device: torch.device, override_tflops: float = 0.0, precision: str = "fp32") -> tuple[float, str]:
+    """(peak FLOP/s of one device for matmuls in `precision` (fp32, bf16, fp16), where the number comes from)."""
     if override_tflops > 0:
         return override_tflops * 1e12, "logging.peak_tflops"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, peak in _GPU_PEAKS.items():
+        table = _GPU_PEAKS["fp32" if precision == "fp32" else "bf16"]
+        for key, peak in table.items():
             if key in name:
-                return peak, f"datasheet bf16 dense ({name})"
-    return measured_matmul_rate(device), "measured fp32 matmul rate (no datasheet peak for this device)"
+                return peak, f"datasheet {precision} dense peak of {name}"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    return measured_matmul_rate(device, dtype=dtype), f"measured {precision} matmul rate of {_device_name(device)}"
 
 
-def measured_matmul_rate(device: torch.device, n: int = 1024, seconds: float = 0.25, repeats: int = 3) -> float:
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+    return f"this CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def measured_matmul_rate(device: torch.device, n: int = 1024, seconds: float = 0.25, repeats: int = 3,
+                         dtype: torch.dtype = torch.float32) -> float:
     """FLOP/s of a square fp32 matmul on `device` (best of `repeats` timings): the practical ceiling on a
     CPU. On a shared machine it moves with the load, like the training throughput it is compared with."""
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b  # warm-up
     best = 0.0
     for _ in range(repeats):

@@ -92,6 +92,7 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path | None, *, resume: str = "none", overwrite: bool = False,
                  default_run_dir: str = "runs/default"):
         self.cfg = cfg
+        cfg.check_device()  # precision, flash-attn, CUDA: one line before anything is built or written
         self.device = resolve_device(cfg.device)
         self.layout: Layout = init_parallel(cfg.parallel, self.device)  # model rules: cfg.validate
         self.is_main = self.layout.rank == 0
@@ -121,6 +122,8 @@ class Trainer:
             factory.sequence = ContextParallel()
         self.memory = memory_spec(cfg.model.memory)  # what varies by memory kind is asked of its spec
         self.model = build_model(cfg.model, factory).to(self.device)
+        if self.layout.pp == 1:  # pipeline engines recompute whole stages' blocks themselves (their interval)
+            self.model.set_activation_checkpoint(cfg.parallel.activation_checkpoint)
         from .memory_stats import GateStats  # Titans gate statistics (every rank alike; rank 0 logs them)
         self.gate_stats = GateStats.attach(self.model)
         self.ckpt_root = self.run_dir / "checkpoints"
@@ -276,7 +279,8 @@ class Trainer:
                        dynamic_ncols=True)
         self._install_signal_handlers()
         from .flops import FORMULA, flops_per_token, peak_flops
-        peak, peak_source = peak_flops(self.device, cfg.logging.peak_tflops)
+        precision = getattr(self.engine, "precision", "fp32")  # MFU against the peak of what the matmuls run in
+        peak, peak_source = peak_flops(self.device, cfg.logging.peak_tflops, precision)
         flops: dict[int, float] = {}  # FLOPs per token by sequence length (the RMT curriculum changes it)
         if self.is_main:
             print(f"# MFU: FLOPs/token = {FORMULA}; peak {peak / 1e12:.2f} TFLOP/s per device from {peak_source}",

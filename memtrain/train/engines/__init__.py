@@ -27,7 +27,7 @@ from torch import nn
 from memtrain.launch.groups import Layout
 from memtrain.model.memory import memory_spec, resolve
 
-from ..config import Config, ConfigError
+from ..config import Config, resolve_precision
 
 
 class Engine(Protocol):
@@ -71,6 +71,13 @@ def micro_batches(batches: list, tokens: int | None = None, local: Callable | No
     return pairs
 
 
+def checkpoint_interval(parallel) -> int:
+    """Blocks per recomputed group in the pipeline engines: the explicit interval, else 1 for "full"."""
+    if parallel.activation_checkpoint_interval:
+        return parallel.activation_checkpoint_interval
+    return 1 if parallel.activation_checkpoint == "full" else 0
+
+
 def deepspeed_file_loader() -> Callable:
     """DeepSpeed's checkpoint-file reader, weights-only: (path, map_location) -> object (never runs code)."""
     from memtrain.launch.deepspeed_config import deepspeed_safe_globals
@@ -93,25 +100,27 @@ def use_deepspeed(cfg: Config, layout: Layout) -> bool:
 
 def build_engine(model: nn.Module, cfg: Config, layout: Layout, run_dir: Path | None,
                  device: torch.device) -> Engine:
-    """The engine the config and layout ask for (see ParallelConfig.engine and the table above)."""
-    from memtrain.launch.deepspeed_config import bf16_supported
+    """The engine the config and layout ask for (see ParallelConfig.engine and the table above), in the precision
+    `cfg.precision` resolves to on `device` (its `precision` attribute: fp32, bf16 or fp16)."""
+    precision = resolve_precision(cfg.precision, device.type)
     if use_deepspeed(cfg, layout):
-        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and bf16_supported(device))
         spec = memory_spec(cfg.model.memory)
         if layout.pp > 1 and spec.pipeline == "own":
-            # a schedule of the kind's own (the RMT's memory cycles from the last stage back to the first), fp32:
-            # "auto" precision means fp32 there; an explicit bf16 is refused by the engine with one line
-            return resolve(spec.pipeline_engine)(model, cfg, layout, run_dir, cfg.precision == "bf16")
+            # a schedule of the kind's own (the RMT's memory cycles from the last stage back to the first): it
+            # trains in the weights' dtype, so an explicit bf16 is refused by the engine with one line
+            engine = resolve(spec.pipeline_engine)(model, cfg, layout, run_dir, cfg.precision == "bf16")
+            engine.precision = "fp32"
+            return engine
         if layout.pp > 1:
             from .pipeline import PipelineEngine
-            return PipelineEngine(model, cfg, layout, run_dir, bf16)
-        from .deepspeed_engine import DeepSpeedEngine
-        return DeepSpeedEngine(model, cfg, layout, run_dir, bf16)
-    if cfg.precision == "bf16":  # "auto" means fp32 for the plain torch loop
-        raise ConfigError("precision='bf16' needs the DeepSpeed engine: set parallel.engine='deepspeed' "
-                          "(with model.rmt.memory_replay, which needs the torch engine, use precision='fp32')")
+            engine = PipelineEngine(model, cfg, layout, run_dir, precision == "bf16")
+        else:
+            from .deepspeed_engine import DeepSpeedEngine
+            engine = DeepSpeedEngine(model, cfg, layout, run_dir, precision)
+        engine.precision = precision
+        return engine
     from .local import TorchEngine
-    return TorchEngine(model, cfg, layout)
+    return TorchEngine(model, cfg, layout, precision)
 
 
-__all__ = ["Engine", "build_engine", "deepspeed_file_loader", "micro_batches", "use_deepspeed"]
+__all__ = ["Engine", "build_engine", "checkpoint_interval", "deepspeed_file_loader", "micro_batches", "use_deepspeed"]

@@ -24,16 +24,19 @@ from .local import LocalEngine
 class DeepSpeedEngine(LocalEngine):
     """DeepSpeed's engine around our model, optimizer and schedule (ZeRO 0-3, bf16, clipping, accumulation)."""
 
-    def __init__(self, model: nn.Module, cfg: Config, layout: Layout, run_dir: Path | None, bf16: bool):
+    casts_in_autocast = False  # DeepSpeed holds the weights in bf16/fp16 itself (fp32 master copies)
+
+    def __init__(self, model: nn.Module, cfg: Config, layout: Layout, run_dir: Path | None, precision: str):
         import deepspeed
 
         from memtrain.launch.deepspeed_config import MegatronMPU, deepspeed_json
 
-        super().__init__(model, cfg, layout)
+        super().__init__(model, cfg, layout, precision)
         optimizer = build_optimizer(model, cfg.optim)
         scheduler = build_scheduler(optimizer, cfg.schedule)
         self.json = deepspeed_json(micro_batch=cfg.data.batch_size, grad_accum=cfg.optim.grad_accum,
-                                   zero_stage=cfg.parallel.zero_stage, grad_clip=cfg.optim.grad_clip, bf16=bf16)
+                                   zero_stage=cfg.parallel.zero_stage, grad_clip=cfg.optim.grad_clip,
+                                   bf16=precision == "bf16", fp16=precision == "fp16")
         if layout.rank == 0 and run_dir is not None:  # saved with the run, for the record
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "deepspeed.json").write_text(json.dumps(self.json, indent=2))

@@ -7,6 +7,7 @@ memtrain/train/optim.py, AdamW, LambdaLR.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -24,9 +25,13 @@ from . import micro_batches
 class LocalEngine:
     """The micro-batch loop of an engine that runs the whole model in this process (module docstring)."""
 
-    def __init__(self, model: nn.Module, cfg: Config, layout: Layout):
+    def __init__(self, model: nn.Module, cfg: Config, layout: Layout, precision: str = "fp32"):
         self.model = model
         self.cfg = cfg
+        self.precision = precision
+        # the torch engine keeps fp32 weights and runs the forward under autocast; DeepSpeed casts the weights
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision) \
+            if self.casts_in_autocast else None
         self.tp_group = tensor_parallel_group() if layout.tp > 1 else None
         # CP ranks hold slices of the same sequences: losses (and gradients) are averaged like DP ones
         self.loss_ranks = layout.dp * layout.cp
@@ -35,8 +40,15 @@ class LocalEngine:
         self.local = model.factory.sequence.local_slice if layout.cp > 1 else None
         self.own_backward = memory_spec(cfg.model.memory).own_backward(cfg.model)  # e.g. RMT memory replay
 
+    casts_in_autocast = True  # DeepSpeedEngine: False (its weights are bf16 themselves)
+
     def backward(self, loss: torch.Tensor) -> None:
         raise NotImplementedError
+
+    def _forward_context(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self._device().type, dtype=self.autocast_dtype)
 
     def step(self) -> float:
         raise NotImplementedError
@@ -53,9 +65,11 @@ class LocalEngine:
             if self.own_backward:
                 # the kind's own backward (memory replay: segment by segment; torch engine only) accumulates
                 # the micro-batch's full gradients, scaled to the mean over micro-batches below
-                loss = self.model.loss_and_backward(x, y) / accum
+                with self._forward_context():
+                    loss = self.model.loss_and_backward(x, y) / accum
             else:
-                loss = self.module(x, y).loss / accum
+                with self._forward_context():
+                    loss = self.module(x, y).loss / accum
                 self.backward(loss)
             total += loss.detach().float()
         if self.own_backward and accum > 1:
@@ -72,7 +86,8 @@ class LocalEngine:
         total = torch.zeros((), dtype=torch.float64)
         pairs = micro_batches(batches, None, self.local, self._device())
         for x, y in pairs:
-            total += self.module(x, y).loss.double().cpu()
+            with self._forward_context():
+                total += self.module(x, y).loss.double().cpu()
         return float(self._mean_over_ranks(total / len(pairs)))
 
     def _mean_over_ranks(self, total: torch.Tensor) -> torch.Tensor:
@@ -85,21 +100,29 @@ class LocalEngine:
 class TorchEngine(LocalEngine):
     """The plain loop: AdamW and the schedule of memtrain/train/optim.py, gradients averaged over DP by hand."""
 
-    def __init__(self, model: nn.Module, cfg: Config, layout: Layout):
-        super().__init__(model, cfg, layout)
+    def __init__(self, model: nn.Module, cfg: Config, layout: Layout, precision: str = "fp32"):
+        super().__init__(model, cfg, layout, precision)
         self.module = model
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule)
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none
+        self.scaler = torch.amp.GradScaler(self._device().type) if precision == "fp16" else None
         self.optimizer.zero_grad(set_to_none=True)
 
     def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def step(self) -> float:
         average_gradients(self.params, self.loss_group)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients (a step with inf/nan is skipped)
         norm = clip_gradients(self.params, self.cfg.optim.grad_clip, self.tp_group)
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
@@ -112,7 +135,10 @@ class TorchEngine(LocalEngine):
         return self.module.state_dict()
 
     def save(self, directory: Path) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
 
     def load(self, directory: Path, state: dict) -> None:
         if "optimizer" not in state:
@@ -121,3 +147,5 @@ class TorchEngine(LocalEngine):
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])

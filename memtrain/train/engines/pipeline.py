@@ -20,7 +20,7 @@ from memtrain.launch.pipeline import build_pipeline, stage_parameters
 from memtrain.model.transformer import DecoderLM
 
 from ..optim import build_optimizer, build_scheduler, clip_gradients
-from . import deepspeed_file_loader, micro_batches
+from . import checkpoint_interval, deepspeed_file_loader, micro_batches
 
 
 class PipelineEngine:
@@ -42,7 +42,7 @@ class PipelineEngine:
         check_layout(model.cfg, dataclasses.replace(cfg.parallel, tp=layout.tp, pp=layout.pp, cp=layout.cp,
                                                     engine="deepspeed"), cfg.data.seq_len)
         if activation_checkpoint_interval is None:
-            activation_checkpoint_interval = getattr(cfg.parallel, "activation_checkpoint_interval", 0)
+            activation_checkpoint_interval = checkpoint_interval(cfg.parallel)
         self.model = model
         self.pipe = build_pipeline(model, layout, activation_checkpoint_interval=activation_checkpoint_interval)
         optimizer = build_optimizer(self.pipe, cfg.optim)

@@ -47,7 +47,7 @@ from memtrain.launch.groups import Layout, data_parallel_group, tensor_parallel_
 from memtrain.launch.rmt_pipeline import stage_blocks, stage_parameters
 
 from ..optim import average_gradients, build_optimizer, build_scheduler, clip_gradients
-from . import micro_batches
+from . import checkpoint_interval, micro_batches
 
 HIDDEN, MEMORY, HIDDEN_GRAD, MEMORY_GRAD = range(4)  # p2p tags
 
@@ -86,7 +86,7 @@ class RMTPipelineEngine:
             raise LayoutError(f"the model was built for tensor-parallel size {model.factory.tp_size}, the layout "
                               f"has parallel.tp={layout.tp}: build it with memtrain.launch.tensor_parallel.MegatronFactory")
         if activation_checkpoint_interval is None:
-            activation_checkpoint_interval = cfg.parallel.activation_checkpoint_interval
+            activation_checkpoint_interval = checkpoint_interval(cfg.parallel)
         from megatron.core import parallel_state as ps
 
         self.model = self.module = model

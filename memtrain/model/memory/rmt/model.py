@@ -179,7 +179,7 @@ class RMTDecoderLM(DecoderLM):
         offset = segment_index * self.cfg.rmt.segment_len if self.cfg.rmt.positions == "global" else 0
         rotary = self._rotary(num_text, num_write, offset, h.device)
         for i in blocks:
-            h = self.blocks[i](h, rotary=rotary, attend=self._attend(self.text_windows[i], num_write))
+            h = self.run_block(self.blocks[i], h, rotary=rotary, attend=self._attend(self.text_windows[i], num_write))
         return h
 
     def segment_output(self, h: torch.Tensor, num_text: int, *, write: bool

@@ -341,6 +341,7 @@ class TitansDecoderLM(DecoderLM):
                 f"tensor-parallel size {tp} must divide model.n_kv_heads={cfg.kv_heads}, the padded vocabulary "
                 f"{cfg.padded_vocab_size} and model.titans.memory_heads={cfg.titans.memory_heads}")
         self.cfg, self.factory = cfg, factory
+        self.activation_checkpoint = "none"
         self.embed = Embed(cfg, factory)
         self.blocks = nn.ModuleList(TitansBlock(cfg, factory, i) for i in range(cfg.n_layers))
         self.head = Head(cfg, factory, self.embed)
@@ -370,7 +371,7 @@ class TitansDecoderLM(DecoderLM):
         h = self.embed(tokens)
         layers = []
         for block, layer_state in zip(self.blocks, state.layers):
-            h, layer_state = block.step(h, layer_state, state.seen)
+            h, layer_state = self.run_block(block.step, h, layer_state, state.seen)
             layers.append(layer_state)
         seen = state.seen + seq.text_offset(tokens.shape[1]) + tokens.shape[1]  # CP: up to this slice's end
         return self.lm_output(self.head(h), targets, TitansState(tuple(layers), seen))
