@@ -35,7 +35,8 @@ def child(args: argparse.Namespace) -> dict:
     model = build_model(cfg).to(device)
     model.set_activation_checkpoint(args.child)
     ids = torch.randint(0, 512, (1, args.tokens), device=device)
-    model(ids[:, :256], ids[:, :256]).loss.backward()  # warm-up: kernels, allocator pools, gradient buffers
+    warm = ids[:, :512]  # one segment: warms kernels, allocator pools and the gradient buffers
+    model(warm, warm).loss.backward()
     model.zero_grad(set_to_none=False)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -70,8 +71,10 @@ def main() -> None:
     for mode in MODES:
         cmd = [sys.executable, os.path.abspath(__file__), "--child", mode, "--memory", args.memory,
                "--tokens", str(args.tokens), "--d-model", str(args.d_model), "--layers", str(args.layers)]
-        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout
-        rows[mode] = json.loads(out.strip().splitlines()[-1])
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.exit(f"mode {mode} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
+        rows[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
         print(json.dumps(rows[mode]), flush=True)
     base = rows["none"]
     print(json.dumps({"ratios_to_none": {m: {"peak": round(r["peak_mib"] / base["peak_mib"], 3),
