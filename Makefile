@@ -24,7 +24,8 @@ test: setup
 	$(PY) -m pytest tests -q
 
 DEMO_DATA := data_cache/stdlib
-DEMO_RUN  := runs/demo
+# a new run directory every time: earlier demo runs are kept (delete runs/ to clean up)
+DEMO_RUN  := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
 # The stdlib corpus is prepared once; delete data_cache/ to prepare it again.
 $(DEMO_DATA)/manifest.json: | setup
@@ -33,7 +34,6 @@ $(DEMO_DATA)/manifest.json: | setup
 # Two CPU ranks (data parallel) through the DeepSpeed launcher, then the checkpoint exported to Hugging Face
 # format and a greedy sample generated from it through transformers.
 demo: setup $(DEMO_DATA)/manifest.json
-	rm -rf $(DEMO_RUN)
 	memtrain/launch/run.sh --nproc 2 -- --config configs/demo.toml --run-dir $(DEMO_RUN)
 	$(PY) -m memtrain.train.export_hf --checkpoint $(DEMO_RUN) --out $(DEMO_RUN)/hf --sample "def main("
 

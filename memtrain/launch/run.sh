@@ -7,8 +7,9 @@
 #   --hostfile FILE        several machines: lines "hostname slots=N"; DeepSpeed reaches them by ssh/pdsh
 #   --no-ssh --node-rank R start only this node's ranks (run the same command once on every node)
 #   --master-addr ADDR     address of node 0                                               [127.0.0.1]
-#   --master-port PORT     rendezvous port                                                 [29500]
+#   --master-port PORT     rendezvous port          [one machine: a free port; several: 29500]
 #   --env KEY=VALUE        set for every rank, on every node (repeatable)
+#   --dry-run              print the DeepSpeed launcher command instead of running it
 #
 # Examples
 #   memtrain/launch/run.sh --nproc 2 -- --config configs/demo.toml                       # 2 ranks, this machine
@@ -21,7 +22,7 @@ root="$(cd "$here/../.." && pwd)"  # the folder holding memtrain/: the checkout,
 python="${PYTHON:-$root/.venv/bin/python}"
 [ -x "$python" ] || python="$(command -v python3)"
 
-nproc=1 hostfile="" no_ssh=0 node_rank=-1 master_addr=127.0.0.1 master_port=29500
+nproc=1 hostfile="" no_ssh=0 node_rank=-1 master_addr=127.0.0.1 master_port="" dry_run=0
 envs=()
 die() { echo "memtrain/launch/run.sh: $*" >&2; exit 2; }
 
@@ -30,12 +31,13 @@ while [ $# -gt 0 ]; do
     --nproc) nproc="${2:?--nproc needs a number}"; shift 2 ;;
     --hostfile) hostfile="${2:?--hostfile needs a file}"; shift 2 ;;
     --no-ssh) no_ssh=1; shift ;;
+    --dry-run) dry_run=1; shift ;;
     --node-rank) node_rank="${2:?--node-rank needs a number}"; shift 2 ;;
     --master-addr) master_addr="${2:?--master-addr needs an address}"; shift 2 ;;
     --master-port) master_port="${2:?--master-port needs a port}"; shift 2 ;;
     --env) [[ "${2:-}" == *=* ]] || die "--env needs KEY=VALUE, got '${2:-}'"; envs+=("$2"); shift 2 ;;
     --) shift; break ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
     *) die "unknown option '$1' (train arguments go after --)" ;;
   esac
 done
@@ -56,6 +58,14 @@ for kv in "${envs[@]+"${envs[@]}"}"; do
 done
 export DS_ENV_FILE="$env_file" PYTHONUNBUFFERED=1 DS_BUILD_OPS=0
 
+if [ -z "$master_port" ]; then
+  if [ -n "$hostfile" ]; then
+    master_port=29500  # every node must name the same port: a fixed default (or --master-port)
+  else  # one machine: a port nobody is using, so two jobs on a shared machine never collide
+    master_port="$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+    echo "memtrain/launch/run.sh: master port $master_port (a free one; --master-port PORT to choose)" >&2
+  fi
+fi
 args=(--master_addr "$master_addr" --master_port "$master_port")
 if [ -n "$hostfile" ]; then
   args+=(--hostfile "$hostfile")
@@ -74,6 +84,10 @@ export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 # script (by SLURM, a scheduler, Ctrl-C) goes straight to this machine's ranks: each finishes its step, saves a
 # checkpoint and exits with code 75, which the launcher passes back here. Over ssh (a hostfile without
 # --no-ssh) the runner's own handler signals the ranks on every node.
+if [ "$dry_run" = 1 ]; then
+  printf '%q ' "$python" -m deepspeed.launcher.runner "${args[@]}" --module memtrain.train "$@"; echo
+  exit 0
+fi
 "$python" -m deepspeed.launcher.runner "${args[@]}" --module memtrain.train "$@" &
 runner=$!
 

@@ -38,13 +38,57 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in a --run-dir that holds an earlier run (its checkpoints and logs are deleted)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="print the full resolved config at start and keep third-party warnings")
     # the DeepSpeed launcher appends --local_rank=N; the rank comes from the environment anyway
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
+# Third-party lines that say nothing actionable to a memtrain user (shown with -v).
+QUIET_WARNINGS = ("Transformer Engine and Apex are not installed", "Setting accelerator to CPU")
+
+
+def quiet_third_party() -> None:
+    """Silence megatron-core's optional-dependency warnings and DeepSpeed's accelerator chatter on every rank."""
+    import logging
+    import warnings
+    for text in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=f".*{text}.*")
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if _cuda_visible() else "cpu")  # no detection warning
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+
+
+def _cuda_visible() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def banner(trainer, run_dir: Path) -> str:
+    """The one screen printed at start: what is trained, where, how, and what was adjusted."""
+    cfg, layout = trainer.cfg, trainer.layout
+    m = cfg.model
+    tokens = cfg.data.batch_size * cfg.data.seq_len * layout.dp * cfg.optim.grad_accum
+    engine = type(trainer.engine).__name__
+    if getattr(trainer.engine, "zero_stage", 0):
+        engine += f" (ZeRO {trainer.engine.zero_stage})"
+    lines = [
+        f"memtrain: model.memory={m.memory!r}, {m.n_layers} layers x d_model {m.d_model}, {m.num_meta_tokens} meta "
+        f"tokens, {trainer.model.num_params():,} parameters on this rank",
+        f"layout: {layout.world} rank(s) = dp {layout.dp} x tp {layout.tp} x pp {layout.pp} x cp {layout.cp}; "
+        f"{engine}, {getattr(trainer.engine, 'precision', 'fp32')} on {trainer.device.type}",
+        f"step: {tokens:,} tokens ({layout.dp * cfg.data.batch_size * cfg.optim.grad_accum} sequences x "
+        f"{cfg.data.seq_len}), {cfg.schedule.steps} steps from step {trainer.step}",
+        f"run directory: {run_dir} (config.toml, metrics.jsonl, tb/, checkpoints/)",
+        *(f"note: {n}" for n in cfg.schedule.notes()),
+    ]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if not args.verbose:
+        quiet_third_party()
     try:
         from .config import load_config
         from .configtree import to_toml
@@ -63,15 +107,15 @@ def main(argv: list[str] | None = None) -> int:
                           default_run_dir=default_run_dir)
         run_dir = trainer.run_dir
         if trainer.is_main:
-            print(f"# resolved config (saved to {run_dir / 'config.toml'})")
-            print(to_toml(cfg), end="", flush=True)
-            print(f"# model: {trainer.model.num_params():,} parameters on this rank; "
-                  f"layout: dp={trainer.layout.dp} tp={trainer.layout.tp} pp={trainer.layout.pp} "
-                  f"cp={trainer.layout.cp}", flush=True)
+            if args.verbose:
+                print(f"# resolved config (saved to {run_dir / 'config.toml'})")
+                print(to_toml(cfg), end="")
+            print(banner(trainer, run_dir), flush=True)
         summary = trainer.fit()
         if trainer.is_main and summary["first_loss"] is not None:
-            print(f"loss {summary['first_loss']:.4f} -> {summary['last10_loss']:.4f} (mean of the last 10 steps) "
-                  f"after {summary['steps']} steps")
+            last = min(10, summary["trained"])
+            print(f"loss {summary['first_loss']:.4f} -> {summary['last10_loss']:.4f} (mean of the last {last} "
+                  f"step{'s' if last > 1 else ''}) after {summary['steps']} steps")
         elif trainer.is_main:
             print(f"nothing to train: the run is already at step {summary['steps']} of {cfg.schedule.steps}")
         if trainer.is_main:

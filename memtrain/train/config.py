@@ -16,7 +16,7 @@ from memtrain.model.config import ModelConfig
 from memtrain.model.errors import ModelConfigError
 from memtrain.model.memory import load_plugins, memory_spec
 
-from .configtree import ConfigError, apply_override, build, read_toml
+from .configtree import ConfigError, apply_override, build, read_composed
 
 
 
@@ -50,10 +50,28 @@ class ScheduleConfig:
     """Optimizer steps to train."""
 
     warmup_steps: int = 100
-    """Linear warm-up steps from 0 to the peak learning rate."""
+    """Linear warm-up steps from 0 to the peak learning rate; more than schedule.steps warms up over all of them
+    (with a note at start), so a short run needs no second override."""
+
+    warmup_fraction: float = 0.0
+    """Warm-up as a fraction of schedule.steps (e.g. 0.05, scales with the run); when > 0 it replaces
+    warmup_steps."""
 
     min_lr_ratio: float = 0.1
     """The cosine decay ends at this fraction of the peak learning rate."""
+
+    def warmup(self) -> int:
+        """Warm-up steps in effect: the fraction of the steps, else warmup_steps clamped to the steps."""
+        if self.warmup_fraction > 0:
+            return min(self.steps, round(self.warmup_fraction * self.steps))
+        return min(self.warmup_steps, self.steps)
+
+    def notes(self) -> list[str]:
+        """What the schedule changed from what was asked, for the start banner."""
+        if self.warmup_fraction <= 0 and self.warmup_steps > self.steps:
+            return [f"schedule.warmup_steps={self.warmup_steps} is more than schedule.steps={self.steps}: warming up "
+                    f"over all {self.steps} steps (schedule.warmup_fraction scales warm-up with the run)"]
+        return []
 
 
 @dataclass
@@ -193,9 +211,10 @@ class Config:
             check_layout(m, p, d.seq_len)  # model × layout × length, every memory kind (memtrain/launch/config.py)
         except LayoutError as e:
             raise ConfigError(str(e)) from None
-        if not 0 <= self.schedule.warmup_steps <= self.schedule.steps:
-            raise ConfigError(f"schedule.warmup_steps={self.schedule.warmup_steps} must lie in "
-                              f"[0, schedule.steps={self.schedule.steps}]")
+        if self.schedule.warmup_steps < 0:
+            raise ConfigError(f"schedule.warmup_steps must be >= 0, got {self.schedule.warmup_steps}")
+        if not 0.0 <= self.schedule.warmup_fraction < 1.0:
+            raise ConfigError(f"schedule.warmup_fraction={self.schedule.warmup_fraction} must lie in [0, 1), e.g. 0.05")
         if not 0.0 <= self.schedule.min_lr_ratio <= 1.0:
             raise ConfigError(f"schedule.min_lr_ratio={self.schedule.min_lr_ratio} must lie in [0, 1]")
         _check_optim(self.optim)
@@ -239,7 +258,8 @@ def _check_optim(o: OptimConfig) -> None:
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Config from a TOML file (or the defaults when `path` is None) plus `--set` overrides, validated."""
-    tree = {} if path is None else read_toml(path, what="config file", where="configs/")
+    # a config may name another as its base (`base = "demo.toml"`) and override some of its values
+    tree = {} if path is None else read_composed(path, what="config file", where="configs/")
     for text in overrides:
         apply_override(tree, text)
     cfg = build(Config, tree)

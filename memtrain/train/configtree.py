@@ -84,6 +84,35 @@ def read_toml(path, *, what: str, where: str) -> dict[str, Any]:
         raise ConfigError(f"{what} {path} is not valid TOML: {e}") from None
 
 
+def merge_trees(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` on top of `base`: tables merge key by key (recursively), every other value replaces."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = merge_trees(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else value
+    return out
+
+
+def read_composed(path, *, what: str, where: str, _seen: tuple = ()) -> dict[str, Any]:
+    """The tree of the TOML file `path` on top of the file its top-level `base = "other.toml"` names (a path
+    relative to `path`'s folder), recursively; ConfigError for a missing base or a cycle."""
+    from pathlib import Path
+    path = Path(path).resolve()
+    if path in _seen:
+        chain = " -> ".join(p.name for p in (*_seen, path))
+        raise ConfigError(f"{what} {path.name}: its base configs form a cycle ({chain})")
+    tree = read_toml(path, what=what, where=where)
+    base = tree.pop("base", None)
+    if base is None:
+        return tree
+    if not isinstance(base, str):
+        raise ConfigError(f"{what} {path}: base must be a file name such as \"demo.toml\", got {base!r}")
+    base_path = path.parent / base
+    if not base_path.is_file():
+        raise ConfigError(f"{what} {path}: its base {base!r} was not found (looked for {base_path})")
+    return merge_trees(read_composed(base_path, what=what, where=where, _seen=(*_seen, path)), tree)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """'a.b=value' -> (['a', 'b'], value); the value is read as TOML, else taken as a plain string, unless it
     plainly tried to be TOML (a list, table, quoted string or number that does not parse): a ConfigError."""

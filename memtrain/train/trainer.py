@@ -291,6 +291,7 @@ class Trainer:
         eval_loss = None
         t_last = time.perf_counter()
         interrupted = False
+        smooth = None  # tokens/s shown on the progress bar
         while self.step < total:
             batches = [next(stream) for _ in range(cfg.optim.grad_accum)]
             lr = self.engine.lr  # the rate this step uses (the schedule moves on inside the step)
@@ -316,7 +317,10 @@ class Trainer:
                 self._log({"eval/loss": eval_loss})
                 t_last = time.perf_counter()  # evaluation time is not training throughput
             if bar is not None:
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}")
+                # smoothed over ~10 steps: a single step's rate jumps with logging, evaluation and checkpoints
+                smooth = tok_s if smooth is None else 0.9 * smooth + 0.1 * tok_s
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{smooth:,.0f}",
+                                mfu=f"{smooth * flops[n] / (peak * self.layout.world):.1%}")
                 bar.update(1)
             if self._should_stop():
                 interrupted = True
@@ -331,7 +335,7 @@ class Trainer:
         ckpt = done if not losses and (done / "meta.json").is_file() else self.save()  # nothing new: keep it
         if self.writer is not None:
             self.writer.close()
-        summary = {"steps": self.step, "interrupted": interrupted,
+        summary = {"steps": self.step, "interrupted": interrupted, "trained": len(losses),
                    "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
                    "last10_loss": float(np.mean(losses[-10:])) if losses else None, "eval_loss": eval_loss,
                    "checkpoint": str(ckpt), "tensorboard": str(self.run_dir / "tb")}
