@@ -100,6 +100,15 @@ class LoggingConfig:
     eval_batches: int = 8
     """Batches of the val stream per evaluation (the same batches every time)."""
 
+    wandb: bool = False
+    """Also log the scalars to Weights & Biases (needs `pip install 'memtrain[wandb]'`); tensorboard always."""
+
+    wandb_project: str = "memtrain"
+    """W&B project of the run (the run is named after the run directory)."""
+
+    wandb_mode: str = "online"
+    """online, or offline (no network: files under RUN_DIR/wandb, uploaded later with `wandb sync`)."""
+
 
 @dataclass
 class Config:
@@ -201,6 +210,8 @@ class Config:
             raise ConfigError(f"optim.grad_accum must be >= 1, got {self.optim.grad_accum}")
         if p.dp < 0:
             raise ConfigError(f"parallel.dp must be >= 0 (0 = the rest of the world size), got {p.dp}")
+        if self.logging.wandb_mode not in ("online", "offline"):
+            raise ConfigError(f"logging.wandb_mode={self.logging.wandb_mode!r} must be online or offline")
         if p.backend not in ("auto", "gloo", "nccl"):
             raise ConfigError(f"parallel.backend={p.backend!r} must be auto, gloo or nccl")
         if d.seq_len > m.max_seq_len:

@@ -26,6 +26,7 @@ from memtrain.model import LayerFactory, build_model
 from memtrain.model.memory import memory_spec
 
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .dashboards import Dashboards, check_wandb
 from .rundir import RunDirError, claim_run_dir, trim_metrics
 from .config import Config, ConfigError
 from .configtree import to_toml
@@ -93,6 +94,7 @@ class Trainer:
                  default_run_dir: str = "runs/default"):
         self.cfg = cfg
         cfg.check_device()  # precision, flash-attn, CUDA: one line before anything is built or written
+        check_wandb(cfg.logging.wandb)
         self.device = resolve_device(cfg.device)
         self.layout: Layout = init_parallel(cfg.parallel, self.device)  # model rules: cfg.validate
         self.is_main = self.layout.rank == 0
@@ -143,9 +145,7 @@ class Trainer:
         if self.is_main:  # only now, with the resume accepted, is anything of this run written
             (self.run_dir / "config.toml").write_text(to_toml(cfg))
             trim_metrics(self.run_dir / "metrics.jsonl", self.step)
-            from torch.utils.tensorboard import SummaryWriter
-            # purge_step: events of steps after the resumed one (logged before a crash) are dropped
-            self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step + 1 if self.step else None)
+            self.writer = Dashboards(self.run_dir, cfg, self.step)  # tensorboard (+ W&B)
 
     def _claim_run_dir(self, resume: str, overwrite: bool):
         """Rank 0 locks and checks the run directory (memtrain/train/rundir.py); every rank raises its error."""
@@ -266,8 +266,7 @@ class Trainer:
             self.metrics.flush()
         if self.writer is not None and (self.step % self.cfg.logging.every == 0 or self.step == self.cfg.schedule.steps
                                         or any(k.startswith("eval/") for k in scalars)):
-            for tag, value in scalars.items():
-                self.writer.add_scalar(tag if "/" in tag else f"train/{tag}", value, self.step)
+            self.writer.log(self.step, scalars)
 
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg

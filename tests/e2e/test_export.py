@@ -137,6 +137,29 @@ def test_tokenizer_matches_the_training_tokenizer(exported, tiny_dataset):
     assert (tok.eos_token_id, tok.pad_token_id, len(tok)) == (2, 3, native.vocab_size)
 
 
+def test_fast_tokenizer_needs_no_remote_code_and_gives_the_training_ids(exported, tiny_dataset):
+    """tokenizer.json: AutoTokenizer without remote code gives the sentencepiece ids on real code (every 10th
+    stdlib file, like the corpus) and on edge cases: leading spaces, text after a newline, "<s>" as text."""
+    import glob
+    import os
+    import sysconfig
+
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from memtrain.data.tokenizer import Tokenizer
+    fast = AutoTokenizer.from_pretrained(str(exported["baseline"][1]), trust_remote_code=False)
+    assert isinstance(fast, PreTrainedTokenizerFast)
+    native = Tokenizer(str(tiny_dataset / "tokenizer.model"))
+    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "**", "*.py"), recursive=True))[::10]
+    texts = [open(f, encoding="utf-8", errors="replace").read() for f in files[:150]]
+    texts += ["  leading", "\nfirst line empty", "def f(<s>, </s>): ☃ 😀 \t\t x=12345", ""]
+    for text in texts:
+        ids = native.encode(text)
+        assert fast(text)["input_ids"] == ids, text[:80]
+        assert fast.decode(ids) == native.decode(ids)
+    assert (fast.eos_token_id, fast.pad_token_id, fast.padding_side) == (2, 3, "left")
+
+
 def test_export_directory_contents(exported):
     _, hf_dir = exported["meta"]
     conf = json.loads((hf_dir / "config.json").read_text())

@@ -150,3 +150,16 @@ def test_memory_replay_with_accumulation_equals_plain_bptt(tiny_dataset, tmp_pat
     assert abs(loss_a - loss_b) < 1e-5 and abs(norm_a - norm_b) < 1e-5 * norm_a
     for name, w in weights_a.items():
         assert float((w - weights_b[name]).abs().max()) < 1e-6, name
+
+
+def test_wandb_offline_logs_the_tensorboard_scalars(tiny_dataset, tmp_path):
+    """`logging.wandb = true` in offline mode (no network): a W&B run in RUN_DIR/wandb with the same tags."""
+    pytest.importorskip("wandb")
+    run = tmp_path / "run"
+    train(tiny_dataset, run, "--set", "logging.wandb=true", "--set", 'logging.wandb_mode="offline"', "--set",
+          "logging.every=1", steps=3)
+    (datastore,) = run.glob("wandb/offline-run-*/run-*.wandb")
+    records = datastore.read_bytes()
+    for tag in (b"train/loss", b"train/lr", b"train/grad_norm", b"train/tokens_per_s", b"train/mfu"):
+        assert tag in records, tag
+    assert (run / "wandb_id").read_text().strip() in datastore.name

@@ -138,9 +138,13 @@ def special_ids(tokenizer: Path, model_vocab: int) -> tuple[dict[str, int], dict
 
 
 def write_tokenizer(out: Path, tokenizer: Path, tokens: dict[str, str], max_len: int) -> None:
-    """tokenizer.model, the tokenizer class file and tokenizer_config.json / special_tokens_map.json."""
+    """tokenizer.json (the fast tokenizer `AutoTokenizer` loads without remote code), tokenizer.model with its
+    sentencepiece class (`trust_remote_code=True` loads that one), tokenizer_config.json, special_tokens_map.json.
+    Both give the training tokenizer's ids."""
+    from .fast_tokenizer import write_fast_tokenizer
     shutil.copyfile(tokenizer, out / "tokenizer.model")
-    conf = {"tokenizer_class": "MemtrainTokenizer",
+    write_fast_tokenizer(out, tokenizer, tokens)
+    conf = {"tokenizer_class": "PreTrainedTokenizerFast",
             "auto_map": {"AutoTokenizer": ["tokenization_memtrain.MemtrainTokenizer", None]},
             **tokens, "padding_side": "left", "model_max_length": max_len, "split_special_tokens": True,
             "clean_up_tokenization_spaces": False, "add_bos_token": False, "add_eos_token": False}
