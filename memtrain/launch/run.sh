@@ -10,6 +10,7 @@
 #   --master-port PORT     rendezvous port          [one machine: a free port; several: 29500]
 #   --env KEY=VALUE        set for every rank, on every node (repeatable)
 #   --dry-run              print the DeepSpeed launcher command instead of running it
+#   -v, --verbose          DeepSpeed's launcher logs every step it takes (default: warnings only)
 #
 # Examples
 #   memtrain/launch/run.sh --nproc 2 -- --config configs/demo.toml                       # 2 ranks, this machine
@@ -22,7 +23,7 @@ root="$(cd "$here/../.." && pwd)"  # the folder holding memtrain/: the checkout,
 python="${PYTHON:-$root/.venv/bin/python}"
 [ -x "$python" ] || python="$(command -v python3)"
 
-nproc=1 hostfile="" no_ssh=0 node_rank=-1 master_addr=127.0.0.1 master_port="" dry_run=0
+nproc=1 hostfile="" no_ssh=0 node_rank=-1 master_addr=127.0.0.1 master_port="" dry_run=0 log_level=warning
 envs=()
 die() { echo "memtrain/launch/run.sh: $*" >&2; exit 2; }
 
@@ -32,6 +33,7 @@ while [ $# -gt 0 ]; do
     --hostfile) hostfile="${2:?--hostfile needs a file}"; shift 2 ;;
     --no-ssh) no_ssh=1; shift ;;
     --dry-run) dry_run=1; shift ;;
+    -v|--verbose) log_level=info; shift ;;
     --node-rank) node_rank="${2:?--node-rank needs a number}"; shift 2 ;;
     --master-addr) master_addr="${2:?--master-addr needs an address}"; shift 2 ;;
     --master-port) master_port="${2:?--master-port needs a port}"; shift 2 ;;
@@ -66,7 +68,7 @@ if [ -z "$master_port" ]; then
     echo "memtrain/launch/run.sh: master port $master_port (a free one; --master-port PORT to choose)" >&2
   fi
 fi
-args=(--master_addr "$master_addr" --master_port "$master_port")
+args=(--master_addr "$master_addr" --master_port "$master_port" --log_level "$log_level")
 if [ -n "$hostfile" ]; then
   args+=(--hostfile "$hostfile")
   # a hostfile's slots give the ranks per node; --nproc limits them when given explicitly
