@@ -22,9 +22,10 @@ class ParallelConfig:
     parallelism."""
 
     pp: int = 1
-    """Pipeline-parallel stages (DeepSpeed PipelineModule, memtrain/launch/pipeline.py; RMT: memtrain/launch/rmt_pipeline.py's
-    schedule); at most model.n_layers, and only with parallel.zero_stage 0 or 1 (0 for RMT). Ranks are ordered tp fastest, then cp, then dp, then pp (megatron's
-    order)."""
+    """Pipeline-parallel stages (DeepSpeed's PipelineModule over memtrain/launch/pipeline.py's stages; a memory kind
+    may bring its own schedule, the RMT's is memtrain/train/engines/rmt_pipeline.py); at most model.n_layers, and
+    only with parallel.zero_stage 0 or 1 (0 for RMT). Ranks are ordered tp fastest, then cp, then dp, then pp
+    (megatron's order)."""
 
     cp: int = 1
     """Context-parallel size: each of cp ranks holds a contiguous slice of every sequence (data.seq_len / cp
@@ -71,6 +72,9 @@ def check_layout(model: ModelConfig, parallel: ParallelConfig, seq_len: int) -> 
         spec.check_run(model, p, seq_len)  # the kind's own rules first: they name the kind's fix
     except ModelConfigError as e:
         raise LayoutError(str(e)) from None
+    if spec.own_backward(model) and p.zero_stage:
+        raise LayoutError(f"model.memory={model.memory!r} runs its own backward here (e.g. memory replay), which "
+                          f"DeepSpeed's ZeRO cannot wrap: set parallel.zero_stage=0 (the torch engine runs it)")
     if model.n_heads % p.tp or model.kv_heads % p.tp:
         raise LayoutError(f"parallel.tp={p.tp} must divide model.n_heads={model.n_heads} "
                           f"and model.n_kv_heads={model.kv_heads}")

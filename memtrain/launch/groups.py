@@ -85,6 +85,8 @@ def init_parallel(cfg: ParallelConfig, device: torch.device) -> Layout:
         return layout
     if not dist.is_initialized():
         backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":  # one GPU per rank (the launchers give every rank all of them)
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % max(1, torch.cuda.device_count()))))
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=cfg.timeout_s))
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=cfg.tp,
@@ -92,6 +94,13 @@ def init_parallel(cfg: ParallelConfig, device: torch.device) -> Layout:
                                                  context_parallel_size=layout.cp,
                                                  create_gloo_process_groups=False)
     return layout
+
+
+def collective_device() -> torch.device:
+    """Where small tensors for collectives must live: the current GPU under NCCL, the CPU under gloo."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def data_parallel_group():

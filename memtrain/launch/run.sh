@@ -81,23 +81,28 @@ fi
 # Ranks run in the caller's directory (relative --config and --run-dir paths mean what they say) and import
 # memtrain from where this script lies, installed or not.
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
-# Not exec: the EXIT trap must still remove the env file, and TERM/INT must reach the ranks. DeepSpeed's runner
-# forwards nothing on one machine (and its per-node launcher kills ranks after 30 s), so a signal sent to this
-# script (by SLURM, a scheduler, Ctrl-C) goes straight to this machine's ranks: each finishes its step, saves a
-# checkpoint and exits with code 75, which the launcher passes back here. Over ssh (a hostfile without
-# --no-ssh) the runner's own handler signals the ranks on every node.
 if [ "$dry_run" = 1 ]; then
   printf '%q ' "$python" -m deepspeed.launcher.runner "${args[@]}" --module memtrain.train "$@"; echo
   exit 0
 fi
-"$python" -m deepspeed.launcher.runner "${args[@]}" --module memtrain.train "$@" &
-runner=$!
-
-descendants() {  # every process below pid $1
-  local child
-  for child in $(pgrep -P "$1" 2>/dev/null); do echo "$child"; descendants "$child"; done
+# Not exec: the EXIT trap must still remove the env file, and TERM/INT must reach the ranks. The runner gets a
+# session of its own (setsid): a terminal's Ctrl-C or a TERM to this script's group then reaches this script
+# alone, not DeepSpeed's per-node launcher, whose handler would kill the ranks 30 s later and exit 1. This
+# script sends the signal straight to this machine's ranks: each finishes its step, saves a checkpoint and exits
+# with code 75, which the launcher passes back here. Over ssh (a hostfile without --no-ssh) the runner's own
+# handler signals the ranks on every node.
+descendants() {  # every process below pid $1 (from /proc: no procps needed)
+  local pid child
+  for pid in /proc/[0-9]*; do
+    child="${pid#/proc/}"
+    # field 4 of /proc/PID/stat is the parent; the command name (field 2) may hold spaces, so cut after ") "
+    if [ "$(sed -n 's/^.*) [A-Za-z] \([0-9]*\).*$/\1/p' "$pid/stat" 2>/dev/null)" = "$1" ]; then
+      echo "$child"; descendants "$child"
+    fi
+  done
 }
 forward() {  # $1: the signal
+  [ -n "${runner:-}" ] || exit 143  # nothing started yet
   if [ -n "$hostfile" ] && [ "$no_ssh" = 0 ]; then kill -"$1" "$runner" 2>/dev/null; return; fi
   local pid
   for pid in $(descendants "$runner"); do
@@ -107,9 +112,16 @@ forward() {  # $1: the signal
     fi
   done
 }
+runner=""
 trap 'forward TERM' TERM
 trap 'forward INT' INT
+spawn=()
+command -v setsid > /dev/null && spawn=(setsid)
+"${spawn[@]}" "$python" -m deepspeed.launcher.runner "${args[@]}" --module memtrain.train "$@" &
+runner=$!
 status=0
-wait "$runner" || status=$?
-while kill -0 "$runner" 2>/dev/null; do wait "$runner" || status=$?; done  # a trapped signal ended the first wait
+while :; do  # a trapped signal ends a wait early: wait again until the runner is gone, keep its own status
+  if wait "$runner"; then status=0; else status=$?; fi
+  kill -0 "$runner" 2>/dev/null || break
+done
 exit "$status"

@@ -39,11 +39,12 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _all_ok(ok: bool) -> bool:
+def all_ok(ok: bool) -> bool:
     """True on every rank when `ok` is true on every rank (one all-reduce)."""
     if not dist.is_initialized():
         return ok
-    flag = torch.tensor([1 if ok else 0])
+    from memtrain.launch.groups import collective_device
+    flag = torch.tensor([1 if ok else 0], device=collective_device())
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
 
@@ -80,7 +81,7 @@ def save_checkpoint(ckpt_root: Path, step: int, rank_state: dict[str, Any], meta
             (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=2))
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError ("file write failed")
         problem = e
-    if not _all_ok(problem is None):
+    if not all_ok(problem is None):
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         _barrier()
@@ -134,7 +135,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _complete(path: Path) -> bool:
+def is_complete(path: Path) -> bool:
     """meta.json and the file of every rank it names (an interrupted deletion by an older version left
     step_* directories with meta.json only)."""
     meta_file = path / "meta.json"
@@ -151,7 +152,7 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     if not ckpt_root.is_dir():
         return []
-    return sorted(p for p in ckpt_root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name) and _complete(p))
+    return sorted(p for p in ckpt_root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name) and is_complete(p))
 
 
 def _numpy_globals() -> list:

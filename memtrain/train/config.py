@@ -210,6 +210,10 @@ class Config:
             raise ConfigError(f"optim.grad_accum must be >= 1, got {self.optim.grad_accum}")
         if p.dp < 0:
             raise ConfigError(f"parallel.dp must be >= 0 (0 = the rest of the world size), got {p.dp}")
+        if self.precision == "fp16" and (p.pp > 1 or (p.tp > 1 and p.engine == "torch")):
+            raise ConfigError("precision='fp16' needs one loss scale agreed by every rank: the pipeline engines and "
+                              "the torch engine under tensor parallelism have none; use precision='bf16' (or "
+                              "parallel.engine='deepspeed' with tensor parallelism)")
         if self.logging.wandb_mode not in ("online", "offline"):
             raise ConfigError(f"logging.wandb_mode={self.logging.wandb_mode!r} must be online or offline")
         if p.backend not in ("auto", "gloo", "nccl"):

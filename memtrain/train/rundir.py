@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -74,7 +75,8 @@ def _human(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def claim_run_dir(run_dir: Path, *, resume: str, overwrite: bool, checkpoint_bytes: int) -> RunLock:
+def claim_run_dir(run_dir: Path, *, resume: str, overwrite: bool, checkpoint_bytes: int,
+                  minimum_bytes: int = 0) -> RunLock:
     """Rank 0, before the model is built: lock `run_dir` for this run and check it (module docstring).
 
     `resume` is the `--resume` value ("none", "auto" or a path); `checkpoint_bytes` the estimated size of one
@@ -94,15 +96,20 @@ def claim_run_dir(run_dir: Path, *, resume: str, overwrite: bool, checkpoint_byt
                 elif path.exists():
                     path.unlink()
             existing = []
-        elif resume == "none" and existing:
+        elif existing and (resume == "none" or (resume != "auto"
+                                                 and Path(resume).resolve().parent != ckpt_root.resolve())):
+            # a new run, or one started from a checkpoint elsewhere, would mix its checkpoints with these
             raise RunDirError(f"run directory {run_dir} holds checkpoints of an earlier run (newest "
                               f"{existing[-1].name}): continue it with --resume auto, use a new --run-dir, or "
                               f"replace it with --overwrite")
         remove_leftovers(ckpt_root)
         free = shutil.disk_usage(run_dir).free
-        if checkpoint_bytes > free:
+        if minimum_bytes > free:
             raise RunDirError(f"run directory {run_dir} has {_human(free)} free, one checkpoint of this run needs "
-                              f"about {_human(checkpoint_bytes)}: free space or choose another --run-dir")
+                              f"at least {_human(minimum_bytes)}: free space or choose another --run-dir")
+        if checkpoint_bytes > free:
+            print(f"warning: run directory {run_dir} has {_human(free)} free, a checkpoint of this run may need up "
+                  f"to {_human(checkpoint_bytes)}", file=sys.stderr, flush=True)
     except BaseException:
         lock.release()
         raise

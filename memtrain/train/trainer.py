@@ -20,12 +20,13 @@ import torch
 import torch.distributed as dist
 
 from memtrain.data.stream import build_stream
-from memtrain.launch.groups import Layout, init_parallel
+from memtrain.launch.groups import Layout, collective_device, init_parallel
 from memtrain.launch.config import LayoutError, check_vocabulary
 from memtrain.model import LayerFactory, build_model
 from memtrain.model.memory import memory_spec
 
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import (CheckpointError, all_ok, is_complete, list_checkpoints, load_checkpoint,
+                         save_checkpoint)
 from .dashboards import Dashboards, check_wandb
 from .rundir import RunDirError, claim_run_dir, trim_metrics
 from .config import Config, ConfigError
@@ -34,10 +35,9 @@ from .engines import build_engine
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device `device = name` means here (Config.check_device has refused what this machine lacks)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device='cuda' but no CUDA device is available: set device='cpu' or 'auto'")
     return torch.device(name)
 
 
@@ -142,34 +142,44 @@ class Trainer:
         self.writer = None
         if resume_path is not None:
             self._resume(resume_path)
+        message = ""
         if self.is_main:  # only now, with the resume accepted, is anything of this run written
-            (self.run_dir / "config.toml").write_text(to_toml(cfg))
-            trim_metrics(self.run_dir / "metrics.jsonl", self.step)
-            self.writer = Dashboards(self.run_dir, cfg, self.step)  # tensorboard (+ W&B)
+            try:
+                (self.run_dir / "config.toml").write_text(to_toml(cfg))
+                trim_metrics(self.run_dir / "metrics.jsonl", self.step)
+                self.writer = Dashboards(self.run_dir, cfg, self.step)  # tensorboard (+ W&B)
+            except Exception as e:  # noqa: BLE001 - disk full, W&B without a login: every rank stops alike
+                message = f"cannot start the run's logs in {self.run_dir}: {str(e).strip().splitlines()[0][:200]}"
+        message = _agree(message)
+        if message:
+            raise RunDirError(message)
 
     def _claim_run_dir(self, resume: str, overwrite: bool):
         """Rank 0 locks and checks the run directory (memtrain/train/rundir.py); every rank raises its error."""
         lock, message = None, ""
         if self.is_main:
             try:
-                lock = claim_run_dir(self.run_dir, resume=resume, overwrite=overwrite,
-                                     checkpoint_bytes=self._checkpoint_bytes())
+                most, least = self._checkpoint_bytes()
+                lock = claim_run_dir(self.run_dir, resume=resume, overwrite=overwrite, checkpoint_bytes=most,
+                                     minimum_bytes=least)
             except RunDirError as e:
                 message = str(e)
+            except OSError as e:  # e.g. another user's lock file: one line on every rank, not a hang
+                message = f"run directory {self.run_dir} cannot be used ({e.strerror or e}: {e.filename or ''})"
         message = _agree(message)
         if message:
             raise RunDirError(message)
         return lock
 
-    def _checkpoint_bytes(self) -> int:
-        """Estimated size of one checkpoint of the whole run: fp32 weights and two Adam moments per data-parallel
-        replica (every replica writes its shard files), plus DeepSpeed's own copy when it runs the step. The
+    def _checkpoint_bytes(self) -> tuple[int, int]:
+        """(upper estimate, lower bound) of one checkpoint of the whole run: fp32 weights and two Adam moments per
+        data-parallel replica plus DeepSpeed's own copy, and one such copy (what any layout writes at least). The
         parameters are counted from the config's shapes (the export's table): nothing is allocated."""
         from .hf.convert import native_shapes
         n = sum(math.prod(shape) for shape in native_shapes(self.cfg.model).values())
         from .engines import use_deepspeed
         copies = self.layout.dp + (1 if use_deepspeed(self.cfg, self.layout) else 0)
-        return int(n * 4 * 3 * copies)
+        return int(n * 4 * 3 * copies), int(n * 4 * 3)
 
     # ---- checkpoints -----------------------------------------------------------------------------
 
@@ -196,8 +206,8 @@ class Trainer:
             found = list_checkpoints(self.ckpt_root)
             return found[-1] if found else None  # nothing to resume: a fresh run
         path = Path(resume)
-        if not (path / "meta.json").is_file():
-            raise ConfigError(f"--resume {path}: not a complete checkpoint (no meta.json); "
+        if not is_complete(path):
+            raise ConfigError(f"--resume {path}: not a complete checkpoint (meta.json or a rank's file is missing); "
                               f"complete ones are listed in RUN_DIR/checkpoints/")
         return path
 
@@ -211,7 +221,15 @@ class Trainer:
         self.model.load_state_dict(full)
 
     def _resume(self, path: Path) -> None:
-        state, meta = load_checkpoint(path, self.layout.rank)
+        problem = None
+        try:
+            state, meta = load_checkpoint(path, self.layout.rank)
+        except CheckpointError as e:
+            problem = e
+        # every rank reads its own file: all must have it before any goes on (DeepSpeed's load is collective)
+        if not all_ok(problem is None):
+            raise problem or CheckpointError(f"another rank could not read its part of checkpoint {path} (see its "
+                                             f"error): resume from another one (RUN_DIR/checkpoints/)")
         saved_model = meta["config"]["model"]
         changed = sorted(k for k, v in dataclasses.asdict(self.cfg.model).items() if saved_model.get(k) != v)
         if changed:
@@ -249,7 +267,7 @@ class Trainer:
 
     def _should_stop(self) -> bool:
         """True once any rank got SIGTERM/SIGINT (ranks agree, so they all save the same step)."""
-        flag = torch.tensor([1.0 if self.stop_requested else 0.0])
+        flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=collective_device())
         if dist.is_initialized() and self.layout.world > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())

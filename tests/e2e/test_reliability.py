@@ -52,18 +52,24 @@ def _ranks_of(run_dir: Path) -> list[psutil.Process]:
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_launcher_reaches_every_rank_which_saves_and_exits_75(tiny_dataset, tmp_path):
+@pytest.mark.parametrize("how", ["term-to-script", "ctrl-c-to-group"])
+def test_sigterm_to_the_launcher_reaches_every_rank_which_saves_and_exits_75(tiny_dataset, tmp_path, how):
+    """SIGTERM to run.sh (what schedulers send), or SIGINT to its whole process group (Ctrl-C in a terminal,
+    which would also reach DeepSpeed's launcher if it shared the group: it would kill the ranks and exit 1)."""
     run = tmp_path / "run"
     port = free_port()
     launcher = subprocess.Popen([*RUN, "--nproc", "2", "--master-port", str(port), "--",
                                  *args_for(tiny_dataset, run, 100000)], cwd=ROOT, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deadline = time.time() + 900
         while not (run / "metrics.jsonl").is_file() or len(read_metrics(run)) < 2:
             assert launcher.poll() is None and time.time() < deadline, "training did not start"
             time.sleep(0.2)
-        launcher.send_signal(signal.SIGTERM)  # what SLURM and schedulers send
+        if how == "term-to-script":
+            launcher.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(launcher.pid, signal.SIGINT)
         out, _ = launcher.communicate(timeout=120)
     finally:
         if launcher.poll() is None:

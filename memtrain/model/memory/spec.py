@@ -115,7 +115,7 @@ class MemorySpec:
     schedule `pipeline_engine`), "unsupported" (parallel.pp must be 1)."""
 
     pipeline_engine: str | None = None
-    """`"module:Class"` of its own pipeline engine when `pipeline == "own"` (memtrain/launch/...)."""
+    """`"module:Class"` of its own pipeline engine when `pipeline == "own"` (memtrain/train/engines/...)."""
 
     cp_sequential: Callable[[ModelConfig], bool] = _never
     """True when context-parallel ranks run one after another (memory state handed rank to rank): ZeRO-3's
@@ -126,7 +126,7 @@ class MemorySpec:
 
     check_run: Callable[[ModelConfig, Any, int], None] = _no_rules
     """(model cfg, parallel section, training seq_len) -> raises ModelConfigError for kind-specific rules of a run
-    that the fields above do not cover (the generic ones live in `memtrain.train.config.check_run`)."""
+    that the fields above do not cover (the generic ones live in `memtrain.launch.config.check_layout`)."""
 
     # ---- export and inspection -----------------------------------------------------------------------
     hf_memory: str | None = ""

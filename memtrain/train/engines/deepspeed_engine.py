@@ -59,15 +59,15 @@ class DeepSpeedEngine(LocalEngine):
             # (it calls the model): without this, ZeRO-3 overwrites instead of accumulating micro-batch grads.
             self.engine.optimizer.clear_backward_seen_flag()
         self.engine.backward(loss, scale_wrt_gas=False)
-        if self.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
+        if self.zero_stage == 0 and self.precision != "fp16" and self.engine.is_gradient_accumulation_boundary():
             # Without ZeRO DeepSpeed clips but keeps no norm; the gradients are DP-averaged by now.
             self._norm = grad_norm(self.params, self.tp_group)
         self.engine.step()
 
     def step(self) -> float:
         """The update already ran inside the last micro-batch's `backward`; report its gradient norm."""
-        if self.zero_stage == 0:
-            return float(self._norm)
+        if self.zero_stage == 0 and self.precision != "fp16":  # fp16: the gradients are loss-scaled until DeepSpeed
+            return float(self._norm)                            # unscales them; its own norm is the true one
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 

@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from memtrain.launch.groups import Layout, data_context_parallel_group, data_parallel_group, tensor_parallel_group
+from memtrain.launch.groups import (Layout, collective_device, data_context_parallel_group, data_parallel_group,
+                                    tensor_parallel_group)
 from memtrain.model.memory import memory_spec
 
 from ..config import Config, ConfigError
@@ -92,6 +93,7 @@ class LocalEngine:
 
     def _mean_over_ranks(self, total: torch.Tensor) -> torch.Tensor:
         if self.loss_group is not None:
+            total = total.to(collective_device())  # NCCL reduces GPU tensors only
             dist.all_reduce(total, group=self.loss_group)
             total /= self.loss_ranks
         return total

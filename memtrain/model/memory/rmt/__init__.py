@@ -1,6 +1,7 @@
 """Recurrent Memory Transformer, `model.memory = "rmt"` (docs/rmt.md): model.py, config.py ([model.rmt]), and
-its spec below. Its pipeline schedule is memtrain/launch/rmt_pipeline.py (the memory cycles from the last stage
-back to the first, which DeepSpeed's schedule cannot express)."""
+its spec below. Its pipeline schedule is memtrain/train/engines/rmt_pipeline.py (stages: memtrain/launch/
+rmt_pipeline.py; the memory cycles from the last stage back to the first, which DeepSpeed's schedule cannot
+express)."""
 from __future__ import annotations
 
 from typing import Any
