@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from megatron.core import parallel_state as ps
 
 
@@ -65,10 +64,6 @@ class MegatronMPU:
 
     def get_data_parallel_world_size(self) -> int:
         return ps.get_data_parallel_world_size(with_context_parallel=self.with_context_parallel)
-
-
-def bf16_supported(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
 def save_engine_state(engine, directory) -> None:

@@ -142,34 +142,36 @@ class Trainer:
         self.writer = None
         if resume_path is not None:
             self._resume(resume_path)
-        message = ""
-        if self.is_main:  # only now, with the resume accepted, is anything of this run written
+        self._on_main(self._open_logs)  # only now, with the resume accepted, is anything of this run written
+
+    def _on_main(self, work):
+        """`work()` on rank 0; its error (one line) raised on every rank, so none waits in a collective for a rank
+        that already stopped. Returns rank 0's result (None elsewhere)."""
+        result, message = None, ""
+        if self.is_main:
             try:
-                (self.run_dir / "config.toml").write_text(to_toml(cfg))
-                trim_metrics(self.run_dir / "metrics.jsonl", self.step)
-                self.writer = Dashboards(self.run_dir, cfg, self.step)  # tensorboard (+ W&B)
-            except Exception as e:  # noqa: BLE001 - disk full, W&B without a login: every rank stops alike
-                message = f"cannot start the run's logs in {self.run_dir}: {str(e).strip().splitlines()[0][:200]}"
+                result = work()
+            except RunDirError as e:
+                message = str(e)
+            except Exception as e:  # noqa: BLE001 - a locked-out or full disk, W&B without a login
+                message = f"run directory {self.run_dir} cannot be used: {str(e).strip().splitlines()[0][:200]}"
         message = _agree(message)
         if message:
             raise RunDirError(message)
+        return result
+
+    def _open_logs(self) -> None:
+        (self.run_dir / "config.toml").write_text(to_toml(self.cfg))
+        trim_metrics(self.run_dir / "metrics.jsonl", self.step)
+        self.writer = Dashboards(self.run_dir, self.cfg, self.step)  # tensorboard (+ W&B)
 
     def _claim_run_dir(self, resume: str, overwrite: bool):
         """Rank 0 locks and checks the run directory (memtrain/train/rundir.py); every rank raises its error."""
-        lock, message = None, ""
-        if self.is_main:
-            try:
-                most, least = self._checkpoint_bytes()
-                lock = claim_run_dir(self.run_dir, resume=resume, overwrite=overwrite, checkpoint_bytes=most,
-                                     minimum_bytes=least)
-            except RunDirError as e:
-                message = str(e)
-            except OSError as e:  # e.g. another user's lock file: one line on every rank, not a hang
-                message = f"run directory {self.run_dir} cannot be used ({e.strerror or e}: {e.filename or ''})"
-        message = _agree(message)
-        if message:
-            raise RunDirError(message)
-        return lock
+        def claim():
+            most, least = self._checkpoint_bytes()
+            return claim_run_dir(self.run_dir, resume=resume, overwrite=overwrite, checkpoint_bytes=most,
+                                 minimum_bytes=least)
+        return self._on_main(claim)
 
     def _checkpoint_bytes(self) -> tuple[int, int]:
         """(upper estimate, lower bound) of one checkpoint of the whole run: fp32 weights and two Adam moments per
@@ -253,9 +255,10 @@ class Trainer:
             return self.cfg.data.seq_len
         return curriculum(self.cfg.model, self.step, self.cfg.data.seq_len)
 
-    def train_step(self, batches: list) -> tuple[float, float]:
-        """One optimizer step over `grad_accum` micro-batches; returns (loss averaged over DP, grad norm)."""
-        return self.engine.train_step(batches, tokens=self._tokens_this_step())
+    def train_step(self, batches: list, tokens: int | None = None) -> tuple[float, float]:
+        """One optimizer step over `grad_accum` micro-batches cut to `tokens` (default: this step's curriculum
+        length); returns (loss averaged over DP, grad norm)."""
+        return self.engine.train_step(batches, tokens=tokens or self._tokens_this_step())
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -315,7 +318,7 @@ class Trainer:
             if self.gate_stats is not None:  # collected only on the steps whose scalars reach tensorboard
                 self.gate_stats.active = (self.step + 1) % cfg.logging.every == 0 or self.step + 1 == total
             n = self._tokens_this_step()  # of this step (a curriculum moves it with the step)
-            loss, norm = self.train_step(batches)
+            loss, norm = self.train_step(batches, n)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss} at step {self.step}: lower optim.lr or check the data")
             self.step += 1

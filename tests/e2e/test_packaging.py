@@ -77,7 +77,8 @@ def test_memtrain_command_lists_and_runs_subcommands():
 
 def test_console_script_is_installed():
     script = Path(sys.executable).parent / "memtrain"
-    if not script.exists():
+    in_project_venv = Path(sys.prefix).resolve() == (ROOT / ".venv").resolve()
+    if not script.exists() and not in_project_venv:  # in .venv (make setup, CI) a missing script is a failure
         pytest.skip("memtrain is not pip-installed into this interpreter's environment (make setup does it)")
     proc = run(str(script), "train", "--config", "configs/demo.toml", "--print-config")
     assert proc.returncode == 0 and "[model]" in proc.stdout, proc.stderr[-2000:]

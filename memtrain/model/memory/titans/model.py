@@ -377,17 +377,19 @@ class TitansDecoderLM(DecoderLM):
         return self.lm_output(self.head(h), targets, TitansState(tuple(layers), seen))
 
     def _check_context_parallel(self, local_len: int, state: TitansState) -> None:
-        """Context parallel: tokens are this rank's slice of a fresh sequence (MAC: whole segments; with a short
-        conv at least conv_size - 1 tokens, the halo the next rank's conv reads)."""
-        t = self.cfg.titans
+        """Context parallel: tokens are this rank's slice of a fresh sequence, as long as the kind's spec asks
+        (MAC: whole segments; with a short conv at least its halo). The same rules `check_layout` applies to a
+        run's config, here for a model called directly."""
+        from .. import memory_spec
         if any(layer is not None for layer in state.layers) or state.seen:
             raise ValueError("context parallel Titans models take a fresh sequence (state=None) per call")
-        if self.cfg.memory == "mac" and local_len % t.segment_len:
-            raise ValueError(f"context parallel MAC needs slices of whole segments: a slice of {local_len} tokens "
-                             f"is not a multiple of model.titans.segment_len={t.segment_len}")
-        if self.cfg.memory != "mac" and t.conv_size and local_len < t.conv_size - 1:
-            raise ValueError(f"context parallel slice of {local_len} tokens is shorter than the memory's conv "
-                             f"tail (model.titans.conv_size - 1 = {t.conv_size - 1})")
+        spec = memory_spec(self.cfg.memory)
+        segment, least = spec.segment(self.cfg), spec.cp_min_slice(self.cfg)
+        if segment and local_len % segment[0]:
+            raise ValueError(f"context parallel needs slices of whole segments: a slice of {local_len} tokens is "
+                             f"not a multiple of {segment[1]}={segment[0]}")
+        if least and local_len < least[0]:
+            raise ValueError(f"context parallel slice of {local_len} tokens is shorter than {least[1]} = {least[0]}")
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int,
