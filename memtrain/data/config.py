@@ -11,13 +11,14 @@ from dataclasses import dataclass
 @dataclass
 class DataConfig:
     path: str = "data_cache/stdlib"
-    """Prepared dataset directory holding `manifest.json` and the shards (made by `python -m memtrain.data.prepare`)."""
+    """Prepared dataset: a directory holding `manifest.json` and the shards (made by `python -m memtrain.data.prepare`),
+    or a manifest URL such as `http://host/ds/manifest.json` (docs/data.md, Hosting shards)."""
 
     seq_len: int = 256
     """Training sequence length in tokens; documents are packed into windows of `seq_len + 1`."""
 
     batch_size: int = 8
-    """Sequences per micro-batch on each data-parallel rank."""
+    """Sequences per micro-batch on each data-parallel rank (the job reads batch_size x dp_size windows per micro-batch)."""
 
     num_workers: int = 0
     """DataLoader worker processes per rank (0 reads in the training process)."""
@@ -30,3 +31,14 @@ class DataConfig:
 
     skip_bad_shards: bool = False
     """Warn about and skip corrupt or mismatching shards instead of stopping."""
+
+    retries: int = 3
+    """Retries of a shard or manifest download that fails (delays retry_delay, 2x, 4x... seconds) before the
+    shard counts as bad."""
+
+    retry_delay: float = 1.0
+    """Seconds before the first retry of a failed download; doubled for each further retry."""
+
+    prefetch_batches: int = 2
+    """Batches each DataLoader worker reads ahead (num_workers > 0): a slow source stalls training only once
+    num_workers x prefetch_batches batches are used up."""

@@ -1,15 +1,15 @@
-"""One slot's reader: documents in `memtrain.data.order`'s order, packed into batches of `seq_len + 1` windows.
+"""The job's one token stream, read in `memtrain.data.order`'s order and cut into windows of `seq_len + 1`.
 
-The slot's token stream is every document followed by EOS, epoch after epoch, with no gaps. Batch j is
-`B` consecutive windows of `seq_len + 1` tokens with stride `seq_len` (window k's last token is window
-k+1's first input), so every token is a prediction target exactly once. The reader's whole state is the
-position of the next batch's first token: (epoch, ordinal of the document in the epoch's order, offset into
-that document + EOS). Loading that state rebuilds the block around it and continues bit for bit.
+The stream is every document followed by EOS, epoch after epoch, with no gaps. Window k is tokens
+`[k * seq_len, k * seq_len + seq_len + 1)` (window k's last token is window k+1's first input), so every token
+is a prediction target exactly once. Every reader (each DP rank, each DataLoader worker) walks the same stream
+and materialises only the windows it is asked for: `advance` moves past the others' tokens without building
+arrays. A reader's whole state is the position of its cursor: (epoch, ordinal of the document in the epoch's
+order, offset into that document + EOS); loading it re-reads one shuffle block and continues bit for bit.
 """
 from __future__ import annotations
 
 import warnings
-from collections import OrderedDict
 from typing import Iterator
 
 import numpy as np
@@ -17,9 +17,9 @@ import numpy as np
 from memtrain.data.errors import DataError, DataWarning
 from memtrain.data.manifest import Manifest, ShardMeta
 from memtrain.data.order import EpochPlan, epoch_plan
-from memtrain.data.shards import ShardError, read_shard
+from memtrain.data.shards import Sample, ShardError, iter_shard
 
-# Consecutive epochs without a single document before a slot gives up (the data is too small or all bad).
+# Consecutive epochs without a single document before the reader gives up (all shards bad or empty).
 _MAX_EMPTY_EPOCHS = 4
 
 
@@ -27,50 +27,89 @@ def initial_state() -> dict:
     return {"epoch": 0, "ordinal": 0, "offset": 0, "skipped": 0}
 
 
-class ShardCache:
-    """The last few shards read, as lists of token arrays; a bad shard is `None` (skipped) or an error."""
+class DocSource:
+    """Documents of an epoch in ordinal order, streamed from one open shard at a time.
 
-    def __init__(self, manifest: Manifest, shards: list[ShardMeta], skip_bad: bool, capacity: int = 4) -> None:
-        self.manifest, self.shards, self.skip_bad, self.capacity = manifest, shards, skip_bad, capacity
-        self._cache: OrderedDict[int, list[np.ndarray] | None] = OrderedDict()
+    Reading continues from where the previous `read` stopped without reopening; anything else (a resume,
+    a new epoch) opens the shard holding the first wanted document and skips to its sample. A bad shard's
+    documents not yet read become `None` (skipped with a warning) or a `DataError`, see `_bad`.
+    """
+
+    def __init__(self, manifest: Manifest, shards: list[ShardMeta], skip_bad: bool) -> None:
+        self.manifest, self.shards, self.skip_bad = manifest, shards, skip_bad
+        self._it: Iterator[Sample] | None = None
+        self._at: tuple[int, int, int] | None = None  # (epoch, position in the plan's order, next sample index)
         self.skipped: list[str] = []
         """Messages of shards skipped since the caller last cleared this list."""
+        self._bad_shards: set[tuple[int, int]] = set()  # (epoch, shard): not reopened for the next block
 
-    def get(self, index: int) -> list[np.ndarray] | None:
-        if index in self._cache:
-            self._cache.move_to_end(index)
-            return self._cache[index]
-        meta = self.shards[index]
-        path = self.manifest.path(meta)
-        try:
-            samples = read_shard(path, meta.sha256, self.manifest.dtype, self.manifest.vocab_size)
-            docs = [s.tokens for s in samples]
-            n_tokens = sum(len(d) for d in docs)
-            if len(docs) != meta.docs or n_tokens != meta.tokens:
-                raise ShardError(f"shard {path} holds {len(docs)} docs / {n_tokens} tokens, manifest says "
-                                 f"{meta.docs} / {meta.tokens}; re-run memtrain.data.prepare")
-        except ShardError as exc:
-            if not self.skip_bad:
-                raise DataError(f"{exc} (or set data.skip_bad_shards = true to skip it)") from None
-            self.skipped.append(f"skipping bad shard: {exc}")
-            docs = None
-        self._cache[index] = docs
-        if len(self._cache) > self.capacity:
-            self._cache.popitem(last=False)
-        return docs
+    def close(self) -> None:
+        if self._it is not None:
+            self._it.close()  # type: ignore[attr-defined]
+        self._it, self._at = None, None
+
+    def read(self, plan: EpochPlan, first: int, n: int) -> list[np.ndarray | None]:
+        """Documents of ordinals `[first, first + n)` of `plan`'s epoch (None: skipped or empty)."""
+        pos, index = plan.locate(first)
+        if self._at != (plan.epoch, pos, index):
+            self.close()
+        out: list[np.ndarray | None] = []
+        while len(out) < n:
+            meta = self.shards[plan.order[pos]]
+            if index >= meta.docs:  # also a shard with no documents
+                self.close()
+                pos, index = pos + 1, 0
+                continue
+            if (plan.epoch, plan.order[pos]) in self._bad_shards:
+                k = min(meta.docs - index, n - len(out))
+                out += [None] * k
+                index += k
+                continue
+            if self._it is None:
+                self._it = iter_shard(self.manifest.path(meta), sha256=meta.sha256, dtype=self.manifest.dtype,
+                                      vocab_size=self.manifest.vocab_size, docs=meta.docs, tokens=meta.tokens,
+                                      start=index, retries=self.manifest.retries,
+                                      retry_delay=self.manifest.retry_delay)
+            url = self.manifest.path(meta)
+            try:
+                sample = next(self._it, None)
+                if sample is None:
+                    raise ShardError(f"shard {url} ended after {index} docs, manifest says {meta.docs}; "
+                                     f"re-run memtrain.data.prepare")
+            except ShardError as exc:
+                self._bad(exc, plan.epoch, plan.order[pos])
+                continue  # its remaining documents become None above
+            out.append(sample.tokens if len(sample.tokens) else None)
+            index += 1
+            if index == meta.docs:
+                # The shard's checks (sha256, counts) run after its last byte: read it now, so a bad shard is
+                # found at the same point of the stream whatever is read next. Its documents stay used.
+                try:
+                    if next(self._it, None) is not None:
+                        raise ShardError(f"shard {url} holds more than the {meta.docs} docs the manifest says; "
+                                         f"re-run memtrain.data.prepare")
+                except ShardError as exc:
+                    self._bad(exc, plan.epoch, plan.order[pos])
+        self._at = (plan.epoch, pos, index)
+        return out
+
+    def _bad(self, exc: ShardError, epoch: int, shard: int) -> None:
+        self.close()
+        if not self.skip_bad:
+            raise DataError(f"{exc} (or set data.skip_bad_shards = true to skip it)") from None
+        self.skipped.append(f"skipping bad shard: {exc}")
+        self._bad_shards = {k for k in self._bad_shards if k[0] == epoch} | {(epoch, shard)}
 
 
-class SlotReader:
-    """Batches of one slot, as numpy arrays: `inputs`/`targets` int64 [B, S], `doc_start` bool [B, S]."""
+class PackedReader:
+    """The cursor over the token stream; `take` gives tokens, `advance` moves past them (see module docstring)."""
 
-    def __init__(self, manifest: Manifest, split: str, slot: int, n_slots: int, *, seq_len: int, batch_size: int,
-                 seed: int, shuffle_buffer: int, shuffle: bool, skip_bad: bool, eos_id: int,
-                 state: dict | None = None) -> None:
-        self.manifest, self.split, self.slot, self.n_slots = manifest, split, slot, n_slots
+    def __init__(self, manifest: Manifest, split: str, *, seed: int, shuffle_buffer: int, shuffle: bool,
+                 skip_bad: bool, eos_id: int, state: dict | None = None) -> None:
+        self.manifest, self.split = manifest, split
         self.shards = manifest.split(split)
-        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
-        self.shuffle_buffer, self.shuffle = shuffle_buffer, shuffle
-        self.cache = ShardCache(manifest, self.shards, skip_bad)
+        self.seed, self.shuffle_buffer, self.shuffle = seed, shuffle_buffer, shuffle
+        self.source = DocSource(manifest, self.shards, skip_bad)
         self._eos = np.array([eos_id], dtype=np.int64)
         st = state or initial_state()
         self.epoch, self.ordinal, self.offset = int(st["epoch"]), int(st["ordinal"]), int(st["offset"])
@@ -83,23 +122,23 @@ class SlotReader:
     def state(self) -> dict:
         return {"epoch": self.epoch, "ordinal": self.ordinal, "offset": self.offset, "skipped": self.skipped}
 
-    def _describe(self) -> str:
-        return (f"split {self.split!r} of {self.manifest.dir} ({len(self.shards)} shards, "
-                f"{sum(s.docs for s in self.shards)} docs) gave reader {self.slot} of {self.n_slots} "
-                f"(dp_size x num_workers) no documents for {_MAX_EMPTY_EPOCHS} epochs")
+    def close(self) -> None:
+        self.source.close()
 
     def _current(self) -> np.ndarray:
         """The document under the cursor, moving past skipped documents and epoch ends."""
         crossed = 0  # epoch ends crossed in this call; past the first, each one was an epoch with no documents
         while True:
             if self._plan is None or self._plan.epoch != self.epoch:
-                self._plan = epoch_plan(self.shards, self.split, self.n_slots, self.slot, self.seed, self.epoch,
-                                        self.shuffle_buffer, self.shuffle)
+                self._plan = epoch_plan(self.shards, self.split, self.seed, self.epoch, self.shuffle_buffer,
+                                        self.shuffle)
                 self._block = -1
             if self.ordinal >= self._plan.total:
                 crossed += 1
                 if crossed > _MAX_EMPTY_EPOCHS:
-                    raise DataError(f"{self._describe()}; use fewer DP ranks/workers, more data, or fix bad shards")
+                    raise DataError(f"split {self.split!r} of {self.manifest.dir} ({len(self.shards)} shards, "
+                                    f"{sum(s.docs for s in self.shards)} docs) gave no documents for "
+                                    f"{_MAX_EMPTY_EPOCHS} epochs: every shard is bad or empty; fix or replace them")
                 self.epoch, self.ordinal, self.offset = self.epoch + 1, 0, 0
                 continue
             b = self.ordinal // self._plan.block
@@ -112,20 +151,34 @@ class SlotReader:
             return doc
 
     def _load_block(self, b: int) -> None:
-        sources = self._plan.block_sources(b)
-        # Each shard once, in shard order: the block's shuffled order would thrash the small shard cache.
-        loaded = {shard: self.cache.get(shard) for shard in sorted({shard for shard, _ in sources})}
-        docs: list[np.ndarray | None] = []
-        for shard, index in sources:
-            shard_docs = loaded[shard]
-            docs.append(None if shard_docs is None or len(shard_docs[index]) == 0 else shard_docs[index])
-        for msg in self.cache.skipped:
+        span = self._plan.block_range(b)
+        docs = self.source.read(self._plan, span.start, len(span))
+        perm = self._plan.block_permutation(b)
+        if perm is not None:
+            docs = [docs[i] for i in perm]
+        for msg in self.source.skipped:
             self.skipped += 1
             self.warnings.append(msg)
-        self.cache.skipped.clear()
+        self.source.skipped.clear()
         self._docs, self._block = docs, b
 
-    def _take(self, n: int, tokens: list[np.ndarray], starts: list[int]) -> None:
+    def advance(self, n: int) -> None:
+        """Move the cursor `n` tokens on (reading, but not copying, what it passes)."""
+        while n > 0:
+            doc = self._current()
+            k = min(len(doc) + 1 - self.offset, n)
+            self.offset += k
+            n -= k
+            if self.offset == len(doc) + 1:
+                self.ordinal, self.offset = self.ordinal + 1, 0
+
+    def take(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The next `n + 1` tokens (int64) with the cursor moved `n` on, and bool [n] doc starts.
+
+        The extra token is the last window's final target, which is the next window's first input.
+        """
+        pieces: list[np.ndarray] = []
+        starts: list[int] = []
         got = 0
         while got < n:
             doc = self._current()
@@ -134,33 +187,28 @@ class SlotReader:
             k = min(len(doc) + 1 - self.offset, n - got)
             end = self.offset + k
             if end <= len(doc):
-                tokens.append(doc[self.offset:end])
+                pieces.append(doc[self.offset:end])
                 self.offset = end
             else:  # this piece runs through the document's last token and its EOS
-                tokens.append(doc[self.offset:])
-                tokens.append(self._eos)
+                pieces.append(doc[self.offset:])
+                pieces.append(self._eos)
                 self.ordinal, self.offset = self.ordinal + 1, 0
             got += k
-
-    def _peek(self) -> np.ndarray:
         doc = self._current()
-        return doc[self.offset:self.offset + 1] if self.offset < len(doc) else self._eos
-
-    def next_batch(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        n = self.batch_size * self.seq_len
-        tokens: list[np.ndarray] = []
-        starts: list[int] = []
-        self._take(n, tokens, starts)
-        tokens.append(self._peek())
-        flat = np.concatenate(tokens).astype(np.int64)
+        pieces.append(doc[self.offset:self.offset + 1] if self.offset < len(doc) else self._eos)
         doc_start = np.zeros(n, dtype=bool)
         doc_start[starts] = True
-        shape = (self.batch_size, self.seq_len)
-        return flat[:-1].reshape(shape), flat[1:].reshape(shape), doc_start.reshape(shape)
+        return np.concatenate(pieces).astype(np.int64), doc_start
 
-    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        while True:
-            yield self.next_batch()
+    def windows(self, skip_before: int, rows: int, skip_after: int, seq_len: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Skip `skip_before` windows, return the next `rows` as (inputs, targets, doc_start) [rows, seq_len],
+        then skip `skip_after` more."""
+        self.advance(skip_before * seq_len)
+        flat, doc_start = self.take(rows * seq_len)
+        self.advance(skip_after * seq_len)
+        shape = (rows, seq_len)
+        return flat[:-1].reshape(shape), flat[1:].reshape(shape), doc_start.reshape(shape)
 
 
 def emit_warnings(messages: list[str]) -> None:

@@ -61,3 +61,64 @@ def tiny_dataset(base: str, name: str = "tiny", **kwargs) -> str:
         write_corpus(corpus, n_docs=kwargs.pop("n_docs", 48))
         prepare_tiny(corpus, out, **kwargs)
     return out
+
+
+class ShardServer:
+    """A static HTTP server for a directory on localhost, in a thread, with faults to inject (tests, benchmarks).
+
+        with ShardServer(dataset_dir) as srv:
+            url = srv.url + "manifest.json"
+            srv.fail["train-000001.tar"] = 2      # the next 2 requests for it get HTTP 503
+            srv.delay = 0.2                       # seconds before every answer (a slow source)
+
+    `requests` lists the paths asked for, in order.
+    """
+
+    def __init__(self, directory: str) -> None:
+        import functools
+        import http.server
+        import threading
+
+        server = self
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+                name = self.path.lstrip("/").split("?")[0]
+                with server._lock:
+                    server.requests.append(name)
+                    failing = server.fail.get(name, 0)
+                    if failing:
+                        server.fail[name] = failing - 1
+                if server.delay:
+                    import time
+                    time.sleep(server.delay)
+                if failing:
+                    self.send_error(503, "injected fault")
+                    return
+                super().do_GET()
+
+            def log_message(self, *args) -> None:  # keep test output clean
+                pass
+
+        self.requests: list[str] = []
+        self.fail: dict[str, int] = {}
+        self.delay = 0.0
+        self._lock = threading.Lock()
+        class Server(http.server.ThreadingHTTPServer):
+            def handle_error(self, request, client_address) -> None:
+                import sys
+                if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+                    super().handle_error(request, client_address)  # a client hanging up early is normal
+
+        self._httpd = Server(("127.0.0.1", 0), functools.partial(Handler, directory=directory))
+        self._httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}/"
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> "ShardServer":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()

@@ -54,3 +54,12 @@ def test_verify_bad_shard_exits_1_naming_it(tmp_path):
         f.truncate(100)
     p = run("memtrain.data.verify", ds)
     assert p.returncode == 1 and "BAD train-000002.tar" in p.stderr and "1 bad" in p.stdout
+
+
+def test_verify_a_dataset_served_over_http(tmp_path, monkeypatch):
+    from memtrain.data.testing import ShardServer, tiny_dataset
+    monkeypatch.setenv("MEMTRAIN_CACHE", str(tmp_path / "cache"))
+    ds = tiny_dataset(str(tmp_path))
+    with ShardServer(ds) as srv:
+        v = run("memtrain.data.verify", srv.url + "manifest.json")
+    assert v.returncode == 0 and "0 bad" in v.stdout, v.stderr

@@ -10,7 +10,6 @@ import torch
 from memtrain.data.config import DataConfig
 from memtrain.data.errors import DataError
 from memtrain.data.manifest import load_manifest
-from memtrain.data.order import epoch_plan
 from memtrain.data.shards import read_shard
 from memtrain.data.stream import build_stream
 from memtrain.data.testing import tiny_dataset
@@ -91,15 +90,16 @@ def test_epochs_differ_and_seed_changes_order(ds):
     assert not torch.equal(other, x[: len(other)])
 
 
-def test_dp_ranks_read_disjoint_documents_covering_the_epoch(ds):
-    docs, m = all_docs(ds), load_manifest(ds)
-    seen = []
-    for rank in range(2):
-        plan = epoch_plan(m.split("train"), "train", 2, rank, 7, 0, 5, True)
-        x, _, _ = flat_inputs(build_stream(cfg(ds), dp_rank=rank, dp_size=2), 400)
-        seen.append(split_docs(x)[: plan.total])
-    assert Counter(seen[0] + seen[1]) == Counter(docs)
-    assert not set(seen[0]) & set(seen[1])
+def test_dp_ranks_split_each_global_micro_batch_into_row_blocks(ds):
+    """DP rank r takes rows [r*B, (r+1)*B) of the job's micro-batch: together the ranks read one stream."""
+    one = build_stream(cfg(ds, batch_size=6))
+    ranks = [build_stream(cfg(ds), dp_rank=r, dp_size=2) for r in range(2)]
+    for _ in range(30):
+        whole = next(one)
+        parts = [next(s) for s in ranks]
+        assert torch.equal(torch.cat([p.inputs for p in parts]), whole.inputs)
+        assert torch.equal(torch.cat([p.doc_start for p in parts]), whole.doc_start)
+    assert ranks[0].state_dict() == ranks[1].state_dict() == one.state_dict()
 
 
 def test_val_split_is_held_out_and_fixed(ds):
@@ -131,8 +131,12 @@ def test_state_from_other_settings_is_refused(ds):
     next(a)
     with pytest.raises(DataError, match="seq_len"):
         build_stream(cfg(ds, seq_len=8)).load_state_dict(a.state_dict())
-    with pytest.raises(DataError, match="dp_rank"):
-        build_stream(cfg(ds), dp_rank=1, dp_size=2).load_state_dict(a.state_dict())
+    with pytest.raises(DataError, match="shuffle_buffer"):
+        build_stream(cfg(ds, shuffle_buffer=6)).load_state_dict(a.state_dict())
+    with pytest.raises(DataError, match="split"):
+        build_stream(cfg(ds), split="val").load_state_dict(a.state_dict())
+    # the position is global: other DP sizes, batch sizes and worker counts take it
+    build_stream(cfg(ds, batch_size=5, num_workers=2), dp_rank=1, dp_size=2).load_state_dict(a.state_dict())
 
 
 def test_missing_dataset_names_the_prepare_command(tmp_path):
@@ -153,7 +157,11 @@ def test_bad_config_is_a_data_error(ds, kw, msg):
         build_stream(cfg(ds, **kw))
 
 
-def test_too_many_readers_for_the_data_is_a_clear_error(ds):
-    s = build_stream(cfg(ds), dp_rank=63, dp_size=64, split="val")
-    with pytest.raises(DataError, match="no documents"):
-        next(s)
+def test_many_dp_ranks_on_a_small_split_share_its_windows(ds):
+    """No rank runs dry however many there are: every rank walks the same stream and takes its rows."""
+    streams = [build_stream(cfg(ds, batch_size=1), dp_rank=r, dp_size=64, split="val") for r in range(0, 64, 21)]
+    rows = [next(s).inputs for s in streams]
+    one = build_stream(cfg(ds, batch_size=64), split="val")
+    whole = next(one).inputs
+    for r, got in zip(range(0, 64, 21), rows):
+        assert torch.equal(got[0], whole[r])
