@@ -17,10 +17,12 @@ exactly (one pass == chained passes, also when pieces end mid-chunk). With chunk
 The initial state is differentiable (learned M_0 expanded over the batch).
 
 Backends: "chunked" (chunk-parallel torch, any device; autograd gives the backward), "fused" (deep memory only:
-the same chunk loop as one autograd Function with a hand-written backward, :mod:`.deep_fused`), "triton" (linear
-memory only; CUDA, or CPU under TRITON_INTERPRET=1), "reference" (naive chunk loop). "auto": linear memory
+the same chunk loop as one autograd Function with a hand-written backward, :mod:`.deep_fused`), "triton" (CUDA, or
+CPU under TRITON_INTERPRET=1; linear: :mod:`.triton_linear`, forward + backward kernels; deep, depth 2/3:
+:mod:`.triton_deep` / :mod:`.triton_deep_bwd`, forward + backward kernels), "reference" (naive chunk loop). "auto": linear memory
 chunked everywhere, until the Triton kernel has passed its GPU parity tests (tests/kernels/test_titans_triton.py,
-marked gpu) and a benchmark on a GPU; deep memory fused.
+marked gpu) and a benchmark on a GPU; deep memory Triton on CUDA (depth 2/3, where its on-chip state fits the
+device), fused elsewhere (docs/titans_kernels.md#triton-deep-memory-kernel).
 
 Precision: bf16/fp16 inputs are computed in fp32 (the gate products, b×b carry matrices and the carried
 state lose most of their digits in bf16: 7e-2 relative error at T = 256), y is returned in the input
@@ -29,6 +31,7 @@ dtype and the state stays fp32 across calls.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -98,13 +101,49 @@ def linear_memory(q, k, v, theta, eta, alpha, *, chunk_size: int, state=None, ch
     raise ValueError(f"unknown backend {backend!r}")
 
 
+def _deep_triton_shape(state) -> bool:
+    """Whether the Triton deep kernel takes this memory: depth 2 or 3 with a square middle layer."""
+    ws = state[0]
+    return len(ws) in (2, 3) and (len(ws) == 2 or ws[1].shape[-1] == ws[1].shape[-2])
+
+
+def _deep_triton_fits(q, v, state, chunk_size, act) -> bool:
+    """backend="auto" on CUDA: the Triton deep kernel if it takes the shape and its on-chip state fits the device's
+    shared memory (checked once per shape by compiling). Any failure of that check means the fused path: the
+    kernel has not yet run on a GPU (docs/titans_kernels.md#triton-deep-memory-kernel), so auto must not break."""
+    ws = state[0]
+    if not _deep_triton_shape(state) or act not in ("gelu", "silu"):
+        return False
+    key = (len(ws), act, int(chunk_size), q.shape[-1], ws[0].shape[-2], v.shape[-1], q.dtype, q.device)
+    if key not in _DEEP_TRITON_FITS:
+        try:
+            from .triton_deep import fits_on_device
+            _DEEP_TRITON_FITS[key] = fits_on_device(*key)
+        except Exception as e:  # noqa: BLE001  (compile errors of an unverified kernel: fall back, say why)
+            warnings.warn(f"deep memory: Triton kernel unavailable for {key[:6]}, using the fused path: {e}")
+            _DEEP_TRITON_FITS[key] = False
+    return _DEEP_TRITON_FITS[key]
+
+
+_DEEP_TRITON_FITS: dict = {}
+
+
 def deep_memory(q, k, v, theta, eta, alpha, *, chunk_size: int, state, chunk_offset: int = 0, act: str = "gelu",
                 backend: str = "auto"):
     """Deep (MLP) Titans memory; plain MLP W_L act(... act(W_1 x)). Returns (y, (weights, momenta, anchor))."""
     _check(q, k, v, theta, eta, alpha, chunk_size, chunk_offset)
     out_dtype = q.dtype
     q, k, v, theta, eta, alpha, state = _compute_precision(q, k, v, theta, eta, alpha, state)
-    if backend in ("auto", "fused", "triton"):   # no Triton kernel for the deep memory: the fused torch loop
+    if backend == "auto":   # Triton on CUDA for the shapes its kernel takes; everywhere else the fused torch loop
+        backend = "triton" if q.is_cuda and _deep_triton_fits(q, v, state, chunk_size, act) else "fused"
+    if backend == "triton":
+        if not _triton_usable(q):
+            raise RuntimeError("backend='triton' needs CUDA tensors or TRITON_INTERPRET=1")
+        from .triton_deep import deep_memory_triton   # imported lazily: TRITON_INTERPRET is read at import
+        y, state = deep_memory_triton(q, k, v, theta, eta, alpha, state, chunk_size=chunk_size,
+                                      chunk_offset=chunk_offset, act=act)
+        return y.to(out_dtype), state
+    if backend == "fused":
         y, state = deep_memory_fused(q, k, v, theta, eta, alpha, state, chunk_size=chunk_size,
                                      chunk_offset=chunk_offset, act=act)
         return y.to(out_dtype), state
