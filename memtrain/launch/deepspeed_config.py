@@ -64,30 +64,3 @@ class MegatronMPU:
 
     def get_data_parallel_world_size(self) -> int:
         return ps.get_data_parallel_world_size(with_context_parallel=self.with_context_parallel)
-
-
-def save_engine_state(engine, directory) -> None:
-    """DeepSpeed's own checkpoint of `engine` (ZeRO partitions, pipeline stages) under `directory/deepspeed`."""
-    engine.save_checkpoint(str(directory / "deepspeed"), tag="state", save_latest=False)
-
-
-def load_engine_state(engine, directory, missing: Exception, load=None) -> None:
-    """Restore what `save_engine_state` wrote (weights too); raise `missing` when the checkpoint has none.
-
-    `load(path, map_location)` replaces DeepSpeed's file reader, whose `torch.load(weights_only=False)` would run
-    whatever code a crafted file holds (the trainer passes its weights-only loader)."""
-    path = directory / "deepspeed"
-    if not path.is_dir():
-        raise missing
-    if load is not None:
-        engine.checkpoint_engine.load = load
-    engine.load_checkpoint(str(path), tag="state", load_optimizer_states=True, load_lr_scheduler_states=True)
-
-
-def deepspeed_safe_globals() -> tuple:
-    """The classes DeepSpeed's own checkpoint files hold besides tensors (found by scanning ZeRO 0-3 and
-    pipeline checkpoints with `torch.serialization.get_unsafe_globals_in_checkpoint`): plain records, no code."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-    return LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address

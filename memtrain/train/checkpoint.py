@@ -136,16 +136,19 @@ def _fsync_dir(path: Path) -> None:
 
 
 def is_complete(path: Path) -> bool:
-    """meta.json and the file of every rank it names (an interrupted deletion by an older version left
-    step_* directories with meta.json only)."""
+    """meta.json, the file of every rank it names (an interrupted deletion by an older version left step_*
+    directories with meta.json only) and the sharded tensors' index."""
     meta_file = path / "meta.json"
     if not meta_file.is_file():
         return False
     try:
-        world = int(json.loads(meta_file.read_text()).get("layout", {}).get("world", 1))
+        meta = json.loads(meta_file.read_text())
+        world = int(meta.get("layout", {}).get("world", 1))
     except (ValueError, TypeError, AttributeError, OSError):
         return False
-    return all((path / f"rank{r:05d}.pt").is_file() for r in range(world))
+    sharded = meta.get("format") == "memtrain-checkpoint-v2"  # its sharded tensors' index is written last
+    return all((path / f"rank{r:05d}.pt").is_file() for r in range(world)) and (
+        not sharded or (path / "state" / ".metadata").is_file())
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:

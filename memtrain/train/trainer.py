@@ -61,6 +61,23 @@ def _is_weights_only(path: Path) -> bool:
     return "imported_from" in json.loads((path / "meta.json").read_text())
 
 
+FORMAT = "memtrain-checkpoint-v2"  # sharded weights and moments (memtrain/train/sharded.py) + small rank files
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path}: meta.json is unreadable ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("layout"), dict) or "config" not in meta:
+        raise CheckpointError(f"checkpoint {path}: meta.json holds no layout and config (not written by memtrain?)")
+    return meta
+
+
+def _layout_text(layout: dict[str, Any]) -> str:
+    return " x ".join(f"{k}={layout.get(k, 1)}" for k in ("dp", "tp", "pp", "cp") if layout.get(k, 1) > 1) or "1 rank"
+
+
 def rng_state() -> dict[str, Any]:
     """Every RNG's state as tensors, numbers and lists only: what a weights-only load reads back."""
     version, words, gauss = random.getstate()
@@ -174,31 +191,28 @@ class Trainer:
         return self._on_main(claim)
 
     def _checkpoint_bytes(self) -> tuple[int, int]:
-        """(upper estimate, lower bound) of one checkpoint of the whole run: fp32 weights and two Adam moments per
-        data-parallel replica plus DeepSpeed's own copy, and one such copy (what any layout writes at least). The
-        parameters are counted from the config's shapes (the export's table): nothing is allocated."""
+        """(upper estimate, lower bound) of one checkpoint of the whole run: fp32 weights and two Adam moments,
+        written once whatever the layout (sharded: memtrain/train/sharded.py). The parameters are counted from
+        the config's shapes (the export's table): nothing is allocated."""
         from .hf.convert import native_shapes
         n = sum(math.prod(shape) for shape in native_shapes(self.cfg.model).values())
-        from .engines import use_deepspeed
-        copies = self.layout.dp + (1 if use_deepspeed(self.cfg, self.layout) else 0)
-        return int(n * 4 * 3 * copies), int(n * 4 * 3)
+        return int(n * 4 * 3 * 1.05), int(n * 4 * 3)
 
     # ---- checkpoints -----------------------------------------------------------------------------
 
     def save(self) -> Path:
-        state = {
-            "model": self.engine.model_state(),
-            "stream": self.stream.state_dict(),
-            "rng": rng_state(),
-            "step": self.step,
-        }
+        """A checkpoint of this step: each rank writes the rectangles of weights and moments it owns (sharded,
+        any layout can resume it) and a small file of its own (stream, RNG, schedule); see docs/distributed.md."""
+        state = {"stream": self.stream.state_dict(), "rng": rng_state(), "step": self.step}
         from memtrain.launch.tensor_parallel import partition_dim
+        from .sharded import placement
+        shapes = {n: list(placement(getattr(p, "ds_shape", None) or p.shape, partition_dim(p), 0,
+                                    self.layout.tp).shape) for n, p in self.model.named_parameters()}
         meta = {"config": dataclasses.asdict(self.cfg), "layout": dataclasses.asdict(self.layout),
-                # how to merge TP shards: the dim each parameter is split along (None = replicated)
-                "partition_dims": {n: partition_dim(p) for n, p in self.model.named_parameters()},
-                "format": "memtrain-checkpoint-v1"}
+                "shapes": shapes, "format": FORMAT}
         return save_checkpoint(self.ckpt_root, self.step, state, meta, rank=self.layout.rank,
-                               keep=self.cfg.checkpoint.keep, write_extra=lambda d: state.update(self.engine.save(d)))
+                               keep=self.cfg.checkpoint.keep,
+                               write_extra=lambda d: state.update(engine=self.engine.save(d)))
 
     def _find_checkpoint(self, resume: str) -> Path | None:
         """The checkpoint `--resume` names: none, auto (newest complete one, if any) or a path."""
@@ -223,28 +237,39 @@ class Trainer:
         self.model.load_state_dict(full)
 
     def _resume(self, path: Path) -> None:
-        problem = None
-        try:
-            state, meta = load_checkpoint(path, self.layout.rank)
-        except CheckpointError as e:
-            problem = e
-        # every rank reads its own file: all must have it before any goes on (DeepSpeed's load is collective)
-        if not all_ok(problem is None):
-            raise problem or CheckpointError(f"another rank could not read its part of checkpoint {path} (see its "
-                                             f"error): resume from another one (RUN_DIR/checkpoints/)")
+        """Continue the run of checkpoint `path`, written at this layout or any other (resharded on load)."""
+        meta = read_meta(path)
+        if meta.get("format") != FORMAT:
+            raise ConfigError(f"checkpoint {path} has format {meta.get('format')!r} (written by an older memtrain, "
+                              f"before sharded checkpoints); this version resumes {FORMAT!r} only: finish the run "
+                              f"with the version that wrote it, or export its weights (memtrain export-hf) and "
+                              f"import them (memtrain import-hf)")
         saved_model = meta["config"]["model"]
         changed = sorted(k for k, v in dataclasses.asdict(self.cfg.model).items() if saved_model.get(k) != v)
         if changed:
             raise ConfigError(f"checkpoint {path} holds another model (model.{', model.'.join(changed)} differ): "
                               f"resume with the checkpoint's config ({path.parent.parent / 'config.toml'})")
-        if (meta["layout"]["world"] != self.layout.world or meta["layout"]["tp"] != self.layout.tp
-                or meta["layout"].get("pp", 1) != self.layout.pp or meta["layout"].get("cp", 1) != self.layout.cp):
-            raise ConfigError(f"checkpoint {path} was written with layout {meta['layout']}, this run has "
-                              f"{dataclasses.asdict(self.layout)}: resume with the same layout")
-        self.engine.load(path, state)
+        saved = meta["layout"]
+        same_layout = all(saved.get(k, 1) == getattr(self.layout, k) for k in ("world", "tp", "pp", "cp", "dp"))
+        # the stream position is global and the schedule the same on every rank: at another layout every rank
+        # takes rank 0's file (its RNG too: no per-rank random state survives a change of layout)
+        problem = None
+        try:
+            state, _ = load_checkpoint(path, self.layout.rank if same_layout else 0)
+        except CheckpointError as e:
+            problem = e
+        if not all_ok(problem is None):  # every rank reads its file before any goes on (the load is collective)
+            raise problem or CheckpointError(f"another rank could not read its part of checkpoint {path} (see its "
+                                             f"error): resume from another one (RUN_DIR/checkpoints/)")
+        if "engine" not in state:
+            raise CheckpointError(f"checkpoint {path}: rank file holds no engine state (not written by memtrain?)")
+        self.engine.load(path, state["engine"])
         self.stream.load_state_dict(state["stream"])
         set_rng_state(state["rng"])
         self.step = state["step"]
+        if not same_layout and self.is_main:
+            print(f"resumed step {self.step} of a run saved at layout {_layout_text(saved)} on "
+                  f"{_layout_text(dataclasses.asdict(self.layout))}", flush=True)
 
     # ---- one step --------------------------------------------------------------------------------
 

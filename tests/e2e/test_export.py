@@ -257,9 +257,8 @@ def test_tensor_parallel_checkpoint_exports_exactly(tiny_dataset, tmp_path, name
 # every kind DeepSpeed's pipeline runs (RMT has its own schedule: the next test); mac, meta: tied embedding
 @pytest.mark.parametrize("name", [m for m in MODELS if m != "rmt"])
 def test_pipeline_parallel_checkpoint_exports_exactly(tiny_dataset, tmp_path, name):
-    """PP = 2 training -> export. The merge (union of the stages' rank files at dp_rank 0) equals DeepSpeed's own
-    per-layer files; HF logits and greedy generation equal the native model with those weights."""
-    from memtrain.launch.pipeline import layer_prefixes
+    """PP = 2 training -> export. The sharded checkpoint's full weights (each stage wrote its own) load strictly;
+    HF logits and greedy generation equal the native model with those weights."""
     from memtrain.train.export_hf import export
     from memtrain.train.hf import merge
     run = tmp_path / "run"
@@ -268,15 +267,8 @@ def test_pipeline_parallel_checkpoint_exports_exactly(tiny_dataset, tmp_path, na
     meta = merge.read_meta(ckpt)
     assert meta["layout"]["pp"] == 2
     merged = merge.merge_model_state(ckpt, meta)
-    native = native_model(run)
-    prefixes, seen = layer_prefixes(native), set()
-    for f in sorted((ckpt / "deepspeed" / "state").glob("layer_*-model_00-model_states.pt")):
-        layer = int(f.name.split("-")[0].removeprefix("layer_"))
-        for key, t in torch.load(f, map_location="cpu", weights_only=False).items():
-            name_ = f"{prefixes[layer]}.{key}"
-            assert torch.equal(merged[name_], t), name_
-            seen.add(name_)
-    assert seen == set(merged)
+    native = native_model(run)  # strict load: the stages together saved every weight
+    assert set(merged) == set(native.state_dict()) - {k for k, _ in native.named_buffers()}
     hf, tok = load_hf(export(run, tmp_path / "hf"))
     diff = max_logit_diff(native, hf, native.cfg.vocab_size)
     print(f"{name} PP=2: max |logits native - HF| = {diff:.3g}")
@@ -311,12 +303,15 @@ def _tp_forward(rank: int, world: int, run: str, ids: torch.Tensor) -> torch.Ten
 
     from memtrain.launch.tensor_parallel import MegatronFactory
     from memtrain.model import build_model
-    from memtrain.train.checkpoint import load_checkpoint
+    from memtrain.launch.tensor_parallel import partition_dim
     from memtrain.train.hf import convert, merge
+    from memtrain.train.sharded import Pieces, load_tensors, placement
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=world, create_gloo_process_groups=False)
-    state, meta = load_checkpoint(merge.resolve_checkpoint(Path(run)), rank)
-    cfg = convert.build_config(meta["config"], run)
+    ckpt = merge.resolve_checkpoint(Path(run))
+    cfg = convert.build_config(merge.read_meta(ckpt)["config"], run)
     model = build_model(cfg.model, MegatronFactory()).eval()
-    model.load_state_dict(state["model"])
+    # this rank's TP shard of every weight, read from the sharded checkpoint (only the rectangles it needs)
+    load_tensors(ckpt / "state", {f"model.{n}": Pieces.whole(placement(p.shape, partition_dim(p), rank, world), p.data)
+                                  for n, p in model.named_parameters()})
     with torch.no_grad():
         return model.factory.gather_logits(model(ids).logits)[..., : cfg.model.vocab_size]

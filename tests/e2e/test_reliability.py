@@ -104,6 +104,8 @@ def _crafted_run(tmp_path: Path, dataset: Path) -> tuple[Path, Path]:
     step = real / "checkpoints" / "step_00000001"
     with open(step / "rank00000.pt", "wb") as f:
         pickle.dump({"model": _Exploit(marker)}, f)
+    with open(step / "state" / ".metadata", "wb") as f:  # the sharded tensors' index is a pickle too
+        pickle.dump(_Exploit(marker), f)
     return real, marker
 
 
@@ -115,6 +117,12 @@ def test_a_crafted_checkpoint_runs_no_code_on_resume_or_export(tiny_dataset, tmp
                              str(tmp_path / "hf")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert export.returncode != 0 and "refusing to load" in export.stderr and "Traceback" not in export.stderr, \
         export.stderr[-2000:]
+    assert not marker.exists()
+    # a genuine rank file next to a crafted index: the resume reads the index only through the safe unpickler
+    assert train(tiny_dataset, tmp_path / "genuine", 1).returncode == 0
+    (run / "checkpoints" / "step_00000001" / "rank00000.pt").write_bytes(
+        (tmp_path / "genuine" / "checkpoints" / "step_00000001" / "rank00000.pt").read_bytes())
+    one_line_error(train(tiny_dataset, run, 2, "--resume", "auto"), "refusing to load", ".metadata")
     assert not marker.exists()
 
 

@@ -78,15 +78,6 @@ def checkpoint_interval(parallel) -> int:
     return 1 if parallel.activation_checkpoint == "full" else 0
 
 
-def deepspeed_file_loader() -> Callable:
-    """DeepSpeed's checkpoint-file reader, weights-only: (path, map_location) -> object (never runs code)."""
-    from memtrain.launch.deepspeed_config import deepspeed_safe_globals
-
-    from ..checkpoint import safe_torch_load
-    allow = deepspeed_safe_globals()
-    return lambda path, map_location=None: safe_torch_load(path, map_location, allow=allow)
-
-
 def use_deepspeed(cfg: Config, layout: Layout) -> bool:
     """Whether the step runs on DeepSpeed (ZeRO, bf16, its pipeline) rather than the plain torch loop."""
     engine = cfg.parallel.engine
@@ -123,4 +114,4 @@ def build_engine(model: nn.Module, cfg: Config, layout: Layout, run_dir: Path | 
     return TorchEngine(model, cfg, layout, precision)
 
 
-__all__ = ["Engine", "build_engine", "checkpoint_interval", "deepspeed_file_loader", "micro_batches", "use_deepspeed"]
+__all__ = ["Engine", "build_engine", "checkpoint_interval", "micro_batches", "use_deepspeed"]

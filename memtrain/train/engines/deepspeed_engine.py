@@ -15,9 +15,10 @@ from torch import nn
 from memtrain.launch.shm import release_shm_buffers
 from memtrain.launch.groups import Layout
 
-from ..config import Config, ConfigError
+from ..config import Config
 from ..optim import build_optimizer, build_scheduler, grad_norm
-from . import deepspeed_file_loader
+from ..sharded import load_tensors, save_tensors
+from .state import EngineTensors, engine_tensors, restore_small_state, small_state
 from .local import LocalEngine
 
 
@@ -84,14 +85,15 @@ class DeepSpeedEngine(LocalEngine):
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
 
+    def state_tensors(self) -> EngineTensors:
+        return engine_tensors(dict(self.module.named_parameters()), self.engine.optimizer, self.layout)
+
     def save(self, directory: Path) -> dict:
-        from memtrain.launch.deepspeed_config import save_engine_state
-        save_engine_state(self.engine, directory)
-        return {}
+        save_tensors(directory / "state", self.state_tensors().save)
+        return small_state(self.engine.optimizer, self.scheduler, self.engine)
 
     def load(self, directory: Path, state: dict) -> None:
-        # DeepSpeed's checkpoint restores the weights too (partitioned ones under ZeRO-3).
-        from memtrain.launch.deepspeed_config import load_engine_state
-        load_engine_state(self.engine, directory, ConfigError(
-            f"checkpoint {directory} holds no DeepSpeed state: resume with the same parallel.engine"),
-            load=deepspeed_file_loader())
+        tensors = self.state_tensors()
+        load_tensors(directory / "state", tensors.load)
+        tensors.finish()
+        restore_small_state(state, self.engine.optimizer, self.scheduler, self.engine)

@@ -18,9 +18,11 @@ from memtrain.launch.groups import (Layout, collective_device, data_context_para
                                     tensor_parallel_group)
 from memtrain.model.memory import memory_spec
 
-from ..config import Config, ConfigError
+from ..config import Config
+from ..sharded import load_tensors, save_tensors
 from ..optim import average_gradients, build_optimizer, build_scheduler, clip_gradients
 from . import micro_batches
+from .state import EngineTensors, engine_tensors, restore_small_state, small_state
 
 
 class LocalEngine:
@@ -29,6 +31,7 @@ class LocalEngine:
     def __init__(self, model: nn.Module, cfg: Config, layout: Layout, precision: str = "fp32"):
         self.model = model
         self.cfg = cfg
+        self.layout = layout
         self.precision = precision
         # the torch engine keeps fp32 weights and runs the forward under autocast; DeepSpeed casts the weights
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision) \
@@ -136,18 +139,20 @@ class TorchEngine(LocalEngine):
     def model_state(self) -> dict:
         return self.module.state_dict()
 
+    def state_tensors(self) -> EngineTensors:
+        return engine_tensors(dict(self.module.named_parameters()), self.optimizer, self.layout)
+
     def save(self, directory: Path) -> dict:
-        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        save_tensors(directory / "state", self.state_tensors().save)
+        state = small_state(self.optimizer, self.scheduler)
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
         return state
 
     def load(self, directory: Path, state: dict) -> None:
-        if "optimizer" not in state:
-            raise ConfigError(f"checkpoint {directory} holds no optimizer state for the torch engine "
-                              f"(written by another engine?): resume with the same parallel.engine")
-        self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        tensors = self.state_tensors()
+        load_tensors(directory / "state", tensors.load)
+        tensors.finish()
+        restore_small_state(state, self.optimizer, self.scheduler)
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])

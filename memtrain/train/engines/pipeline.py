@@ -20,7 +20,9 @@ from memtrain.launch.pipeline import build_pipeline, stage_parameters
 from memtrain.model.transformer import DecoderLM
 
 from ..optim import build_optimizer, build_scheduler, clip_gradients
-from . import checkpoint_interval, deepspeed_file_loader, micro_batches
+from ..sharded import load_tensors, save_tensors
+from . import checkpoint_interval, micro_batches
+from .state import EngineTensors, engine_tensors, restore_small_state, small_state
 
 
 class PipelineEngine:
@@ -44,6 +46,7 @@ class PipelineEngine:
         if activation_checkpoint_interval is None:
             activation_checkpoint_interval = checkpoint_interval(cfg.parallel)
         self.model = model
+        self.layout, self.stage = layout, layout.pp_rank
         self.pipe = build_pipeline(model, layout, activation_checkpoint_interval=activation_checkpoint_interval)
         optimizer = build_optimizer(self.pipe, cfg.optim)
         scheduler = build_scheduler(optimizer, cfg.schedule)
@@ -109,14 +112,18 @@ class PipelineEngine:
         """This stage's weights (TP shards) under DecoderLM names; merge stages by taking the union."""
         return {name: p.detach() for name, p in stage_parameters(self.pipe, self.model).items()}
 
+    def state_tensors(self) -> EngineTensors:
+        # the last stage's copy of the tied embedding is the first stage's, partitioned differently: saved once
+        tied = frozenset({"embed.tokens.weight"}) if self.model.cfg.tie_embeddings and self.stage > 0 else frozenset()
+        return engine_tensors(stage_parameters(self.pipe, self.model), self.engine.optimizer, self.layout,
+                              skip_save=tied)
+
     def save(self, directory: Path) -> dict:
-        from memtrain.launch.deepspeed_config import save_engine_state
-        save_engine_state(self.engine, directory)
-        return {}
+        save_tensors(directory / "state", self.state_tensors().save)
+        return small_state(self.engine.optimizer, self.scheduler, self.engine)
 
     def load(self, directory: Path, state: dict) -> None:
-        from memtrain.launch.deepspeed_config import load_engine_state
-        load_engine_state(self.engine, directory, LayoutError(
-            f"checkpoint {directory} holds no DeepSpeed pipeline state: resume with the same parallel.engine "
-            f"and parallel.pp"), load=deepspeed_file_loader())
-
+        tensors = self.state_tensors()
+        load_tensors(directory / "state", tensors.load)
+        tensors.finish()
+        restore_small_state(state, self.engine.optimizer, self.scheduler, self.engine)

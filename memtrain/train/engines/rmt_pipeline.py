@@ -47,7 +47,9 @@ from memtrain.launch.groups import Layout, data_parallel_group, tensor_parallel_
 from memtrain.launch.rmt_pipeline import stage_blocks, stage_parameters
 
 from ..optim import average_gradients, build_optimizer, build_scheduler, clip_gradients
+from ..sharded import load_tensors, save_tensors
 from . import checkpoint_interval, micro_batches
+from .state import EngineTensors, engine_tensors, restore_small_state, small_state
 
 HIDDEN, MEMORY, HIDDEN_GRAD, MEMORY_GRAD = range(4)  # p2p tags
 
@@ -90,6 +92,7 @@ class RMTPipelineEngine:
         from megatron.core import parallel_state as ps
 
         self.model = self.module = model
+        self.layout = layout
         self.stage, self.pp = layout.pp_rank, pp
         self.first, self.last = self.stage == 0, self.stage == pp - 1
         stride = layout.tp * layout.cp * layout.dp  # rank = tp_rank + tp · (cp_rank + cp · (dp_rank + dp · pp_rank))
@@ -266,17 +269,19 @@ class RMTPipelineEngine:
         """This stage's weights (TP shards) under RMTDecoderLM names; merge stages by taking the union."""
         return {name: p.detach() for name, p in self.named.items()}
 
+    def state_tensors(self) -> EngineTensors:
+        # the last stage's copy of the tied embedding equals the first stage's: saved once
+        tied = frozenset({"embed.tokens.weight"}) if self.tied and not self.first else frozenset()
+        return engine_tensors(self.named, self.optimizer, self.layout, skip_save=tied)
+
     def save(self, directory: Path) -> dict:
-        """Optimizer and schedule state of this stage (every rank writes its own, like the torch engine)."""
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        """This stage's weights and moments (sharded tensors), optimizer and schedule state."""
+        save_tensors(directory / "state", self.state_tensors().save)
+        return small_state(self.optimizer, self.scheduler)
 
     def load(self, directory: Path, state: dict) -> None:
-        """This stage's weights (`state["model"]`, from `model_state`), optimizer and schedule state."""
-        if "optimizer" not in state or set(state.get("model", {})) != set(self.named):
-            raise LayoutError(f"checkpoint {directory} holds no RMT pipeline state for stage {self.stage} of "
-                              f"{self.pp}: resume with the same parallel.engine and parallel.pp")
-        with torch.no_grad():
-            for name, p in self.named.items():
-                p.copy_(state["model"][name])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        """This stage's weights, moments and schedule, from a checkpoint of any layout."""
+        tensors = self.state_tensors()
+        load_tensors(directory / "state", tensors.load)
+        tensors.finish()
+        restore_small_state(state, self.optimizer, self.scheduler)

@@ -1,4 +1,8 @@
-"""Read a memtrain-checkpoint-v1 directory and merge its parallel shards into one full (TP = 1) state dict.
+"""Read a checkpoint directory and merge its parallel shards into one full (TP = 1) state dict.
+
+Training checkpoints (`memtrain-checkpoint-v2`) hold sharded tensors (memtrain/train/sharded.py): the full
+weights are read from them directly, whatever the layout that wrote them (`read_full`). What follows describes
+the one-file-per-rank format v1, which `import_hf` still writes (and older runs have).
 
     ckpt = resolve_checkpoint(Path("runs/demo"))      # a checkpoint dir, or a run dir -> its newest complete one
     meta = read_meta(ckpt)                            # validated meta.json
@@ -27,6 +31,7 @@ import torch
 from . import ExportError
 
 FORMAT = "memtrain-checkpoint-v1"
+SHARDED = "memtrain-checkpoint-v2"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 _LAYOUT_KEYS = ("world", "rank", "tp", "dp", "tp_rank", "dp_rank")
 
@@ -59,16 +64,18 @@ def read_meta(ckpt: Path) -> dict[str, Any]:
         meta = json.loads((ckpt / "meta.json").read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ExportError(f"{ckpt / 'meta.json'} is unreadable ({e.__class__.__name__}: {e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") not in (FORMAT, SHARDED):
         got = meta.get("format") if isinstance(meta, dict) else None
-        raise ExportError(f"{ckpt} has checkpoint format {got!r}, expected {FORMAT!r}")
+        raise ExportError(f"{ckpt} has checkpoint format {got!r}, expected {SHARDED!r} or {FORMAT!r}")
     layout = meta.get("layout")
     if not isinstance(layout, dict) or any(not isinstance(layout.get(k), int) for k in _LAYOUT_KEYS):
         raise ExportError(f"{ckpt / 'meta.json'} has no valid layout (needs {', '.join(_LAYOUT_KEYS)})")
     if not isinstance(meta.get("config"), dict) or not isinstance(meta["config"].get("model"), dict):
         raise ExportError(f"{ckpt / 'meta.json'} holds no resolved config with a [model] section")
-    if not isinstance(meta.get("partition_dims"), dict):
+    if meta["format"] == FORMAT and not isinstance(meta.get("partition_dims"), dict):
         raise ExportError(f"{ckpt / 'meta.json'} has no partition_dims table")
+    if meta["format"] == SHARDED and not isinstance(meta.get("shapes"), dict):
+        raise ExportError(f"{ckpt / 'meta.json'} has no shapes table")
     for key in ("pp", "cp"):
         if not isinstance(layout.get(key, 1), int) or layout.get(key, 1) < 1:
             raise ExportError(f"{ckpt / 'meta.json'}: layout has {key}={layout.get(key)!r}")
@@ -133,6 +140,16 @@ def merge_model_state(ckpt: Path, meta: dict[str, Any]) -> dict[str, torch.Tenso
     """The full, unsharded native state dict (vocab padding kept) of checkpoint `ckpt`."""
     layout = meta["layout"]
     check_complete(ckpt, layout)
+    if meta["format"] == SHARDED:
+        from ..checkpoint import CheckpointError
+        from ..sharded import read_full
+        try:
+            return read_full(ckpt / "state", meta["shapes"])
+        except CheckpointError as e:
+            raise ExportError(str(e)) from None
+        except Exception as e:  # noqa: BLE001 - DCP reports a truncated or foreign file in many ways
+            raise ExportError(f"checkpoint {ckpt}: its sharded tensors cannot be read "
+                              f"({str(e).strip().splitlines()[-1][:200]})") from None
     merged: dict[str, torch.Tensor] = {}
     for stage, ranks in enumerate(model_shard_ranks(layout)):
         for name, t in _merge_tp(ckpt, ranks, meta["partition_dims"]).items():

@@ -52,14 +52,10 @@ def load_checkpoint_model(path: Path, tokenizer: str | None = None) -> Loaded:
         raise InspectError(str(e)) from None
     except OSError as e:
         raise InspectError(f"cannot read checkpoint {path}: {e}") from None
-    layout = meta["layout"]
-    if layout["tp"] != 1:
-        raise InspectError(f"{ckpt} was written with tensor parallelism tp={layout['tp']}; the inspectors read "
-                           f"tp=1 checkpoints only (export/merge it first, or train the model to inspect with tp=1)")
     cfg = _build_config(meta["config"], ckpt)
     try:
         tok_path = hf_files.find_tokenizer(meta["config"], ckpt, tokenizer)
-        state = merge.load_rank_model(ckpt / "rank00000.pt")
+        state = merge.merge_model_state(ckpt, meta)  # any layout: TP shards and pipeline stages merged
     except ExportError as e:
         raise InspectError(str(e)) from None
     model = build_model(cfg.model)
