@@ -104,6 +104,20 @@ def layer_prefixes(model: DecoderLM) -> list[str]:
     return prefixes
 
 
+def stage_parts(cfg, pp: int, stage: int) -> set[str]:
+    """The model parts ("embed", "blocks.{i}", "head") pipeline stage `stage` of `pp` holds, computed from the config
+    alone as `build_pipeline`'s PipelineModule partitions its layers (blocks balanced over the stages by DeepSpeed's
+    `partition_balanced`, the embedding first, the head and the tied embedding's second copy last): what a rank
+    builds with storage (`LayerFactory.holds`)."""
+    from deepspeed.runtime import utils as ds_utils
+    layers = ["embed", "embed", *(f"blocks.{i}" for i in range(cfg.n_layers)), "head"]
+    if cfg.tie_embeddings:
+        layers.append("embed")
+    weights = [1 if name.startswith("blocks.") else 0 for name in layers]
+    bounds = ds_utils.partition_balanced(weights=weights, num_parts=pp)
+    return set(layers[bounds[stage]:bounds[stage + 1]])
+
+
 def pipeline_to_model_names(model: DecoderLM, keys) -> dict[str, str]:
     """DecoderLM names of PipelineModule state-dict / parameter keys.
 

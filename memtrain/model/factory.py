@@ -20,6 +20,8 @@ whole sequence); `memtrain.launch.context_parallel.ContextParallel` answers the 
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -105,6 +107,9 @@ class LayerFactory:
     tp_rank: int = 0
     sequence: SequenceOps = SequenceOps()
     """Set to a `memtrain.launch.context_parallel.ContextParallel` on an instance for context parallelism."""
+    holds: Callable[[str], bool] | None = None
+    """Which top-level parts ("embed", "blocks.{i}", "head") this process builds with storage; the others are
+    built on the meta device (shapes only). None: all of them. A pipeline stage sets it to its own parts."""
 
     def column(self, in_features: int, out_features: int, *, std: float, bias: bool = False) -> nn.Module:
         return _init(nn.Linear(in_features, out_features, bias=bias, device="meta"), std)
@@ -141,7 +146,8 @@ def _init(layer: nn.Module, std: float) -> nn.Module:
     exactly as megatron-core's CPU initialisation consumes it (one draw per full weight, in order), and a
     TP > 1 run with the same seed starts from the same full weights as a TP = 1 run.
     """
-    layer = layer.to_empty(device="cpu")
+    # the default device is "meta" while a part this process does not hold is built (`build_parts`): shapes only
+    layer = layer.to_empty(device=torch.get_default_device())
     nn.init.normal_(layer.weight, std=std)
     if getattr(layer, "bias", None) is not None:
         nn.init.zeros_(layer.bias)

@@ -99,13 +99,34 @@ class Head(nn.Module):
         self.proj = factory.lm_head(cfg.d_model, cfg.padded_vocab_size, std=cfg.init_std, tied=tied)
         start, end = factory.vocab_range(cfg.padded_vocab_size)
         self.register_buffer("pad_mask", torch.arange(start, end) >= cfg.vocab_size, persistent=False)
-        self.has_padding = bool(self.pad_mask.any())  # a Python bool: no device sync per forward
+        self.has_padding = end > cfg.vocab_size  # a Python bool: no device sync per forward
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         logits = self.proj(self.norm(h[:, self.num_prefix:]))
         if self.has_padding:
             logits = logits.masked_fill(self.pad_mask, torch.finfo(logits.dtype).min)
         return logits
+
+
+def build_parts(model: nn.Module, cfg: ModelConfig, factory: LayerFactory, block: type) -> None:
+    """`model.embed`, `model.blocks` (of class `block`) and `model.head`, each drawn from its own random stream
+    (seeded from one draw of the current one), so a part's initial weights do not depend on which other parts
+    this process builds. Parts `factory.holds` declines are built on the meta device: a pipeline stage builds
+    only its own layers, and a model too large for one device is never whole anywhere."""
+    base = int(torch.randint(0, 2**31 - 1, ()))
+
+    def part(name: str, index: int, make):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(base + index)
+            if factory.holds is None or factory.holds(name):
+                return make()
+            with torch.device("meta"):
+                return make()
+
+    model.embed = part("embed", 0, lambda: Embed(cfg, factory))
+    model.blocks = nn.ModuleList(part(f"blocks.{i}", i + 1, lambda i=i: block(cfg, factory, i))
+                                 for i in range(cfg.n_layers))
+    model.head = part("head", cfg.n_layers + 1, lambda: Head(cfg, factory, model.embed))
 
 
 class DecoderLM(nn.Module):
@@ -124,9 +145,7 @@ class DecoderLM(nn.Module):
         self.cfg = cfg
         self.factory = factory
         self.activation_checkpoint = "none"
-        self.embed = Embed(cfg, factory)
-        self.blocks = nn.ModuleList(Block(cfg, factory, i) for i in range(cfg.n_layers))
-        self.head = Head(cfg, factory, self.embed)
+        build_parts(self, cfg, factory, Block)
 
     def set_activation_checkpoint(self, mode: str) -> None:
         """Recompute each block's activations in the backward: "none", "full" or "selective" (see
@@ -180,8 +199,8 @@ class DecoderLM(nn.Module):
 
     def num_params(self, *, embedding: bool = True) -> int:
         """Parameters on this rank (tied weights once); `embedding=False` leaves out the token embedding."""
-        n = sum(p.numel() for p in self.parameters())
-        if not embedding:
+        n = sum(p.numel() for p in self.parameters() if not p.is_meta)  # a pipeline stage: its own parts
+        if not embedding and not self.embed.tokens.weight.is_meta:
             n -= self.embed.tokens.weight.numel()
         return n
 

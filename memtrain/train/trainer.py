@@ -140,7 +140,14 @@ class Trainer:
             from memtrain.launch.context_parallel import ContextParallel  # rules: cfg.validate (check_layout)
             factory.sequence = ContextParallel()
         self.memory = memory_spec(cfg.model.memory)  # what varies by memory kind is asked of its spec
-        self.model = build_model(cfg.model, factory).to(self.device)
+        if self.layout.pp > 1:
+            # a pipeline stage builds its own layers only; the others exist as shapes on the meta device
+            from memtrain.launch.pipeline import stage_parts
+            factory.holds = stage_parts(cfg.model, self.layout.pp, self.layout.pp_rank).__contains__
+            with torch.device(self.device):
+                self.model = build_model(cfg.model, factory)
+        else:
+            self.model = build_model(cfg.model, factory).to(self.device)
         if self.layout.pp == 1:  # pipeline engines recompute whole stages' blocks themselves (their interval)
             self.model.set_activation_checkpoint(cfg.parallel.activation_checkpoint)
         from .memory_stats import GateStats  # Titans gate statistics (every rank alike; rank 0 logs them)

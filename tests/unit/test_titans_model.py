@@ -150,7 +150,7 @@ def test_generate_is_greedy_full_forward(kind):
     (dict(titans=dict(segment_len=100)), "model.titans.segment_len=100 is longer"),
     (dict(titans=dict(memory_act="relu")), "model.titans.memory_act='relu'"),
     (dict(titans=dict(memory_backend="cuda")), "model.titans.memory_backend='cuda'"),
-    (dict(titans=dict(memory_backend="triton", memory_depth=2)), "model.titans.memory_backend='triton'"),
+    (dict(titans=dict(memory_backend="triton", memory_depth=4)), "model.titans.memory_backend='triton'"),
     (dict(titans=dict(theta_init=1.0)), "model.titans.theta_init must lie in"),
     (dict(titans=dict(conv_size=-1)), "model.titans.conv_size must be >= 0"),
     (dict(titans=dict(memory_expansion=0.0)), "model.titans.memory_expansion must be > 0"),

@@ -69,9 +69,8 @@ def val_text(cfg, windows: int, path: Path) -> None:
     rows = []
     while len(rows) < windows + 1:
         rows += [r.tolist() for r in next(stream).inputs]
-    from memtrain.data.manifest import MANIFEST
-    manifest = json.loads((Path(cfg.data.path) / MANIFEST).read_text())
-    tok = Tokenizer(str(Path(cfg.data.path) / manifest["tokenizer"]["file"]))
+    from memtrain.data.manifest import load_manifest
+    tok = Tokenizer(load_manifest(cfg.data.path).tokenizer_path)  # a local directory or a manifest URL
     path.write_text("".join(tok.decode(r) for r in rows[: windows + 1]))
 
 

@@ -45,7 +45,7 @@ class TitansConfig:
 
     memory_backend: str = "auto"
     """Memory kernel backend (memtrain/kernels/titans): auto, fused (deep memory: hand-written backward), chunked (autograd
-    through the dual form), triton (linear memory) or reference."""
+    through the dual form), triton (linear memory; deep memory of depth 2-3) or reference."""
 
     theta_init: float = 0.001
     """Initial step size θ (sigmoid of the gate projection's bias); in (0, 1). Small on purpose: the loss is
@@ -85,9 +85,9 @@ class TitansConfig:
         if self.memory_backend not in MEMORY_BACKENDS:
             raise ModelConfigError(
                 f"model.titans.memory_backend={self.memory_backend!r} is not one of {', '.join(MEMORY_BACKENDS)}")
-        if self.memory_backend == "triton" and self.memory_depth > 1:
-            raise ModelConfigError("model.titans.memory_backend='triton' has no deep-memory kernel "
-                                   f"(model.titans.memory_depth={self.memory_depth}); use auto or chunked")
+        if self.memory_backend == "triton" and self.memory_depth > 3:
+            raise ModelConfigError("model.titans.memory_backend='triton' has deep-memory kernels for depth 2 and 3 "
+                                   f"only (model.titans.memory_depth={self.memory_depth}); use auto or fused")
         for name in ("theta_init", "eta_init", "alpha_init"):
             if not 0.0 < getattr(self, name) < 1.0:
                 raise ModelConfigError(f"model.titans.{name} must lie in (0, 1), got {getattr(self, name)}")

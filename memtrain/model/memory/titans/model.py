@@ -55,7 +55,7 @@ from ...factory import LayerFactory
 from ...layers import Attention, RMSNorm, SwiGLU, apply_rotary, rotary_tables
 from .memory import MemoryState, TitansMemory, tree_map
 from ...generation import greedy_generate
-from ...transformer import DecoderLM, Embed, Head, LMOutput
+from ...transformer import DecoderLM, LMOutput, build_parts
 
 __all__ = ["TitansDecoderLM", "TitansBlock", "TitansState", "TitansLayerState", "TitansMemory"]
 
@@ -342,9 +342,7 @@ class TitansDecoderLM(DecoderLM):
                 f"{cfg.padded_vocab_size} and model.titans.memory_heads={cfg.titans.memory_heads}")
         self.cfg, self.factory = cfg, factory
         self.activation_checkpoint = "none"
-        self.embed = Embed(cfg, factory)
-        self.blocks = nn.ModuleList(TitansBlock(cfg, factory, i) for i in range(cfg.n_layers))
-        self.head = Head(cfg, factory, self.embed)
+        build_parts(self, cfg, factory, TitansBlock)
 
     def _check_state(self, state, batch: int) -> TitansState:
         if state is None:
