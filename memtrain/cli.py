@@ -2,6 +2,7 @@
 
     memtrain train --config configs/demo.toml          = python -m memtrain.train ...
     memtrain prepare --source stdlib --out DIR         = python -m memtrain.data.prepare ...
+    memtrain plan --config X --world 64 --gpu-mem 80   = python -m memtrain.train.plan ...
     memtrain launch --nproc 2 -- --config ...          = memtrain/launch/run.sh ...
 
 A subcommand runs its module exactly as `python -m` would (same arguments, exit codes and one-line errors), so
@@ -24,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import-hf": ("memtrain.train.import_hf", "a Hugging Face export back to a memtrain checkpoint"),
     "inspect": ("memtrain.train.inspect", "registers, attention maps and memory gates of a checkpoint"),
     "experiment": ("memtrain.train.experiment", "experiments that train and compare several variants"),
+    "plan": ("memtrain.train.plan", "per-rank memory of a parallel layout, before launching it (docs/planner.md)"),
 }
 LAUNCHER = Path(__file__).resolve().parent / "launch" / "run.sh"
 

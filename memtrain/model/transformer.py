@@ -113,7 +113,7 @@ def build_parts(model: nn.Module, cfg: ModelConfig, factory: LayerFactory, block
     (seeded from one draw of the current one), so a part's initial weights do not depend on which other parts
     this process builds. Parts `factory.holds` declines are built on the meta device: a pipeline stage builds
     only its own layers, and a model too large for one device is never whole anywhere."""
-    base = int(torch.randint(0, 2**31 - 1, ()))
+    base = int(torch.randint(0, 2**31 - 1, (), device="cpu"))  # the CPU generator, whatever the default device
 
     def part(name: str, index: int, make):
         with torch.random.fork_rng(devices=[]):

@@ -18,9 +18,11 @@ pickle, `.metadata`, through `_MetadataUnpickler`, which builds only DCP's own m
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import pickle
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,12 +189,21 @@ class SafeReader(dcp.FileSystemReader):
         return metadata
 
 
+@contextlib.contextmanager
+def _one_process():
+    """DCP warns on every call without a process group that it assumes one process: here that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def save_tensors(directory: Path, tensors: dict[str, Pieces]) -> None:
     """Write every rank's `tensors` into `directory` (collective when a process group is up)."""
     try:
-        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(directory), single_file_per_rank=True),
-                 planner=_SavePlanner(flatten_state_dict=False, flatten_sharded_tensors=False),
-                 no_dist=not dist.is_initialized())
+        with _one_process():
+            dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(directory), single_file_per_rank=True),
+                     planner=_SavePlanner(flatten_state_dict=False, flatten_sharded_tensors=False),
+                     no_dist=not dist.is_initialized())
     except CheckpointException as e:  # every rank gets it (DCP agrees on failure): report the first cause
         causes = [getattr(f, "exception", f) for f in e.failures.values()]
         cause = next((c for c in causes if isinstance(c, OSError)), causes[0] if causes else None)
@@ -217,7 +228,10 @@ def load_tensors(directory: Path, tensors: dict[str, Pieces | torch.Tensor]) -> 
     if missing:
         raise CheckpointError(f"checkpoint {directory} holds no {', '.join(missing[:3])}"
                               f"{' ...' if len(missing) > 3 else ''}: it was written for another model or engine")
-    dcp.load(tensors, storage_reader=reader, planner=_LoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False), no_dist=not dist.is_initialized())
+    with _one_process():
+        dcp.load(tensors, storage_reader=reader, planner=_LoadPlanner(flatten_state_dict=False,
+                                                                       flatten_sharded_tensors=False),
+                 no_dist=not dist.is_initialized())
 
 
 def saved_names(directory: Path) -> dict[str, tuple[int, int]]:
@@ -226,17 +240,23 @@ def saved_names(directory: Path) -> dict[str, tuple[int, int]]:
     return {name: tuple(md.size) for name, md in metadata.state_dict_metadata.items() if hasattr(md, "size")}
 
 
+def _load_here(full: dict[str, torch.Tensor], directory: Path) -> None:
+    """Whole tensors into `full`, in this process alone."""
+    with _one_process():
+        dcp.load(full, storage_reader=_reader(directory), planner=DefaultLoadPlanner(), no_dist=True)
+
+
 def read_full(directory: Path, shapes: dict[str, list[int]], prefix: str = "model.") -> dict[str, torch.Tensor]:
     """The whole tensors named `prefix + name` for each `shapes` entry, in this process alone (no group): what
     the HF export and the inspectors read. `shapes` gives each tensor's full shape (meta.json's `shapes`)."""
     full = {prefix + name: torch.empty(math.prod(shape[:-1]) if len(shape) > 1 else 1, shape[-1] if shape else 1)
             for name, shape in shapes.items()}
-    dcp.load(full, storage_reader=_reader(directory), planner=DefaultLoadPlanner(), no_dist=True)
+    _load_here(full, directory)
     return {name: full[prefix + name].reshape(shape) for name, shape in shapes.items()}
 
 
 def read_all(directory: Path) -> dict[str, torch.Tensor]:
     """Every tensor saved in `directory`, whole, as its global 2-D view (tests and tools; one process)."""
     full = {name: torch.empty(size) for name, size in saved_names(directory).items()}
-    dcp.load(full, storage_reader=_reader(directory), planner=DefaultLoadPlanner(), no_dist=True)
+    _load_here(full, directory)
     return full

@@ -7,4 +7,5 @@ SPEC = MemorySpec(
     name="none",
     summary="no memory across segments; the meta tokens (model.num_meta_tokens) are learned, input-independent",
     model="memtrain.model.transformer:DecoderLM",
+    plan="memtrain.model.activations",
 )

@@ -109,6 +109,11 @@ class MemorySpec:
     memory_flops_per_token: Callable[[ModelConfig], float] = _zero
     """Training FLOPs per text token of the memory's own work that no weight matmul counts (Titans' update)."""
 
+    plan: str | None = None
+    """Module with the kind's activation estimate for `memtrain plan`: `layer_elements(cfg, shapes, mode)`,
+    `state_bytes(cfg, shapes, layers, act_bytes)` and `STATE_LABEL` (memtrain/model/activations.py is the plain
+    block's). None: the planner uses the plain block's estimate and says so."""
+
     # ---- parallel layout -----------------------------------------------------------------------------
     pipeline: str = "stages"
     """How `parallel.pp > 1` runs it: "stages" (DeepSpeed's pipeline over `model.stages()`), "own" (the

@@ -68,6 +68,7 @@ SPEC = MemorySpec(
     name="rmt",
     summary="Recurrent Memory Transformer: memory tokens read and written per segment, carried to the next one",
     model="memtrain.model.memory.rmt.model:RMTDecoderLM",
+    plan="memtrain.model.memory.rmt.plan",
     settings="rmt",
     check=lambda cfg: cfg.rmt.validate(cfg),
     stateful=True,

@@ -96,6 +96,7 @@ _COMMON = MemorySpec(
     stateful=True,
     attention_keys=lambda cfg, layer, seq_len: 0,
     memory_flops_per_token=memory_flops_per_token,
+    plan="memtrain.model.memory.titans.plan",
     # the memory runs over the whole sequence inside each block: only hidden states cross pipeline stages
     pipeline="stages",
     cp_sequential=lambda cfg: cfg.titans.memory_depth > 1,  # deep memory: state handed rank to rank
