@@ -9,6 +9,7 @@ Three ways a rank holds the state of a parameter `p` (TP shard of its canonical 
 | held as | engines | weights saved from | moments |
 |---|---|---|---|
 | whole | torch engine, RMT pipeline, DeepSpeed ZeRO 0 in fp32 | `p` | `optimizer.state[p]` |
+| whole, fp32 master | DeepSpeed ZeRO 0 in bf16/fp16 (`fp16_groups` / `fp32_groups`) | the master | the master's moments |
 | flat fragment | DeepSpeed ZeRO 1/2, bf16 (`p._hp_mapping`) | the fp32 master fragment | the fragment's moments |
 | ZeRO-3 partition | DeepSpeed ZeRO 3 (`p.ds_tensor`) | the fp32 partition | the partition's moments |
 
@@ -88,6 +89,9 @@ def engine_tensors(named: dict[str, nn.Parameter], optimizer: Any, layout: Layou
         # before the moments existed (an empty map): point them again, at the tensors that exist now
         optimizer._hp_optimizer_states_linked = False
         link()
+    # DeepSpeed's fp16/bf16 optimizer without ZeRO keeps one fp32 master per parameter; the moments belong to it
+    masters = {id(lp): hp for lps, hps in zip(getattr(optimizer, "fp16_groups", []), getattr(optimizer, "fp32_groups", []))
+               for lp, hp in zip(lps, hps)}
     for name, p in named.items():
         here = name not in skip_save
         if hasattr(p, "ds_tensor"):
@@ -95,11 +99,15 @@ def engine_tensors(named: dict[str, nn.Parameter], optimizer: Any, layout: Layou
         elif hasattr(p, "_hp_mapping"):
             _fragment(out, name, p, layout, here)
         else:
+            master = masters.get(id(p))
+            held = master if master is not None else p  # the key of its moments in the optimizer's state
             where = placement(p.shape, partition_dim(p), layout.tp_rank, layout.tp)
-            _add(out, f"model.{name}", Pieces.whole(where, p.data), here)
-            if p in inner.state:
+            _add(out, f"model.{name}", Pieces.whole(where, held.data), here)
+            if held in inner.state:
                 for key in MOMENTS:
-                    _add(out, f"optim.{key}.{name}", Pieces.whole(where, inner.state[p][key]), here)
+                    _add(out, f"optim.{key}.{name}", Pieces.whole(where, inner.state[held][key]), here)
+            if master is not None:
+                out.after_load.append(lambda p=p, master=master: p.data.copy_(master))
     return out
 
 
