@@ -177,7 +177,8 @@ def check_attention(args: argparse.Namespace, dev: str) -> list[dict]:
 
 
 def check_titans(args: argparse.Namespace, dev: str) -> list[dict]:
-    """Triton linear memory and fused deep memory (fp32) against the fp64 naive chunk loop, forward and backward."""
+    """Triton linear memory, fused and Triton deep memory (fp32) against the fp64 naive chunk loop, forward and
+    backward."""
     from memtrain.kernels.titans import deep_memory, linear_memory
     from memtrain.kernels.titans.reference import deep_memory_naive_chunks, linear_memory_naive_chunks
     from memtrain.kernels.titans.testing import (flatten, make_deep_state, make_inputs, make_linear_state,
@@ -199,9 +200,9 @@ def check_titans(args: argparse.Namespace, dev: str) -> list[dict]:
         loss = sum(o.sum() for o in flatten(out)) if timed else random_projection_loss(out)
         return [o.detach() for o in flatten(out)], list(torch.autograd.grad(loss, ins))
 
-    def inputs(T: int, deep: bool, dtype: torch.dtype) -> list[torch.Tensor]:
-        x = make_inputs(B, H, T, D, D, dtype=dtype, device=dev, seed=T)
-        st = make_deep_state(B, H, D, D, dtype=dtype, device=dev) if deep else make_linear_state(B, H, D, D, dtype=dtype, device=dev)
+    def inputs(T: int, deep: bool, dtype: torch.dtype, d: int = D) -> list[torch.Tensor]:
+        x = make_inputs(B, H, T, d, d, dtype=dtype, device=dev, seed=T)
+        st = make_deep_state(B, H, d, d, dtype=dtype, device=dev) if deep else make_linear_state(B, H, d, d, dtype=dtype, device=dev)
         return [*x, *flatten(st)]
 
     def op(deep: bool, backend: str, b: int) -> Callable:
@@ -214,11 +215,14 @@ def check_titans(args: argparse.Namespace, dev: str) -> list[dict]:
         return lambda t: linear_memory(*t[:6], chunk_size=b, state=(t[6], t[7]), backend=backend)
 
     rows = []
-    for kind, fast in (("linear", "triton"), ("deep", "fused")):
+    # the deep Triton kernel keeps every layer's state on chip: heads of 32 at chunk 16 fit an H100's shared memory,
+    # 64 do not (docs/titans_kernels.md); tl.dot needs dims of at least 16, also interpreted
+    for kind, fast, d, chunks in (("linear", "triton", D, (16, 64)), ("deep", "fused", D, (16, 64)),
+                                  ("deep", "triton", 16 if args.dry_run else 32, (16,))):
         deep, T = kind == "deep", T_deep if kind == "deep" else T_lin
-        for b in (16, 64):
-            row = {"check": "titans", "memory": kind, "backend": fast, "chunk_size": b, "B": B, "H": H, "Dk": D,
-                   "Dv": D, "T": T, "dtype": "float32", "reference": "naive chunk loop, float64",
+        for b in chunks:
+            row = {"check": "titans", "memory": kind, "backend": fast, "chunk_size": b, "B": B, "H": H, "Dk": d,
+                   "Dv": d, "T": T, "dtype": "float32", "reference": "naive chunk loop, float64",
                    "tolerance": TITANS_TOL}
             if fast == "triton":
                 row["triton"] = triton_mode
@@ -227,12 +231,12 @@ def check_titans(args: argparse.Namespace, dev: str) -> list[dict]:
                                       SKIP_CUDA + " (or TRITON_INTERPRET=1 before triton is imported)"}))
                     continue
             try:
-                x32 = inputs(T, deep, torch.float32)
+                x32 = inputs(T, deep, torch.float32, d)
                 out, grads = fwd_bwd(op(deep, fast, b), x32)
                 ref_out, ref_grads = fwd_bwd(op(deep, "reference", b), [t.double() for t in x32])
                 fwd = max(max_rel_err(a, r) for a, r in zip(out, ref_out))
                 bwd = max(max_rel_err(a, r) for a, r in zip(grads, ref_grads))
-                xt = x32 if T_time == T else inputs(T_time, deep, torch.float32)
+                xt = x32 if T_time == T else inputs(T_time, deep, torch.float32, d)
                 t_fast = median_seconds(lambda: fwd_bwd(op(deep, fast, b), xt, True), dev, args.repeats)
                 t_chunked = median_seconds(lambda: fwd_bwd(op(deep, "chunked", b), xt, True), dev, args.repeats)
                 row.update(forward_max_rel=fwd, backward_max_rel=bwd, T_time=T_time,

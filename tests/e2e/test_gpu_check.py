@@ -36,9 +36,10 @@ def test_gpu_check_dry_run_writes_every_check(tmp_path):
     assert all(r["errors"][x]["max_rel"] <= r["tolerance"]["grad"] for r in sdpa for x in ("dq", "dk", "dv"))
     assert all(r["status"].startswith("skipped: needs CUDA") for r in attn if r["backend"] in ("flex", "flash"))
 
-    # 2. titans: the Triton kernel (interpreted) and the fused deep memory passed at chunk sizes 16 and 64, odd T
+    # 2. titans: the Triton kernels (interpreted) and the fused deep memory passed at chunk sizes 16 and 64, odd T
     titans = checks["titans"]
-    assert {(r["memory"], r["chunk_size"]) for r in titans} == {(m, b) for m in ("linear", "deep") for b in (16, 64)}
+    assert {(r["memory"], r["backend"], r["chunk_size"]) for r in titans} == {
+        *((m, f, b) for m, f in (("linear", "triton"), ("deep", "fused")) for b in (16, 64)), ("deep", "triton", 16)}
     assert all(r["status"] == "pass" and r["T"] % 16 for r in titans), titans
     assert all(r["triton"] == "interpreted" for r in titans if r["backend"] == "triton")
     assert all(max(r["forward_max_rel"], r["backward_max_rel"]) <= r["tolerance"] for r in titans)
