@@ -210,21 +210,20 @@ def save_tensors(directory: Path, tensors: dict[str, Pieces]) -> None:
         raise cause if isinstance(cause, OSError) else OSError(str(cause or e).strip().splitlines()[-1]) from None
 
 
-def _reader(directory: Path) -> SafeReader:
-    """A reader of `directory` whose metadata is known to be sound (a bad one fails here, in one line, not inside
+def _reader(directory: Path) -> tuple[SafeReader, Metadata]:
+    """A reader of `directory` and its metadata, known to be sound (a bad one fails here, in one line, not inside
     DCP's collective load)."""
     if not (Path(directory) / ".metadata").is_file():
         raise CheckpointError(f"{directory} holds no sharded state (no .metadata): the checkpoint is incomplete "
                               f"or was written by an older memtrain")
     reader = SafeReader(str(directory))
-    reader.read_metadata()
-    return reader
+    return reader, reader.read_metadata()
 
 
 def load_tensors(directory: Path, tensors: dict[str, Pieces | torch.Tensor]) -> None:
     """Fill every rank's `tensors` (rectangles of the saved names, any layout) from `directory` (collective)."""
-    reader = _reader(directory)
-    missing = sorted(set(tensors) - set(reader.read_metadata().state_dict_metadata))
+    reader, metadata = _reader(directory)
+    missing = sorted(set(tensors) - set(metadata.state_dict_metadata))
     if missing:
         raise CheckpointError(f"checkpoint {directory} holds no {', '.join(missing[:3])}"
                               f"{' ...' if len(missing) > 3 else ''}: it was written for another model or engine")
@@ -236,14 +235,14 @@ def load_tensors(directory: Path, tensors: dict[str, Pieces | torch.Tensor]) -> 
 
 def saved_names(directory: Path) -> dict[str, tuple[int, int]]:
     """Name -> global 2-D size of every tensor saved in `directory` (reads the metadata only)."""
-    metadata = _reader(directory).read_metadata()
+    _, metadata = _reader(directory)
     return {name: tuple(md.size) for name, md in metadata.state_dict_metadata.items() if hasattr(md, "size")}
 
 
 def _load_here(full: dict[str, torch.Tensor], directory: Path) -> None:
     """Whole tensors into `full`, in this process alone."""
     with _one_process():
-        dcp.load(full, storage_reader=_reader(directory), planner=DefaultLoadPlanner(), no_dist=True)
+        dcp.load(full, storage_reader=_reader(directory)[0], planner=DefaultLoadPlanner(), no_dist=True)
 
 
 def read_full(directory: Path, shapes: dict[str, list[int]], prefix: str = "model.") -> dict[str, torch.Tensor]:

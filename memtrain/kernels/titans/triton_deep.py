@@ -31,6 +31,7 @@ import triton.language as tl
 
 from .chunked import gate_coefficients, pad_to_chunks
 from .reference import _unpack_deep_state, activation
+from .triton_linear import _chunk_gates
 
 __all__ = ["deep_memory_triton", "DeepMemoryChunks", "LAUNCHES", "fits_on_device", "shared_memory_bytes"]
 
@@ -119,13 +120,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, cth_ptr, beta_ptr, c_ptr, u_ptr, w_ptr, al_
         k = _load_mat(k_ptr + row0 * DK, ot, b, ok, DK)
         v = _load_mat(v_ptr + row0 * DV, ot, b, ov, DV)
         A_c = _load_mat(cth_ptr + cn * b * b, ot, b, ot, b)
-        beta = tl.load(beta_ptr + row0 + ot, mask=mt, other=0.0)
-        c = tl.load(c_ptr + row0 + ot, mask=mt, other=0.0)
-        u = tl.load(u_ptr + row0 + ot, mask=mt, other=0.0)
-        w = tl.load(w_ptr + row0 + ot, mask=mt, other=0.0)
-        beta_l = tl.load(beta_ptr + row0 + b - 1)
-        c_l = tl.load(c_ptr + row0 + b - 1)
-        a_l = tl.load(al_ptr + cn)
+        beta, c, u, w, beta_l, c_l, a_l = _chunk_gates(beta_ptr, c_ptr, u_ptr, w_ptr, al_ptr, row0, cn, ot, mt, b)
         _store_mat(wi0_ptr + cn * n0, W0, oh, DH, ok, DK)
         _store_mat(si0_ptr + cn * n0, S0, oh, DH, ok, DK)
         _store_mat(wi2_ptr + cn * n2, W2, ov, DV, oh, DH)

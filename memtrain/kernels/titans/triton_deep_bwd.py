@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from .triton_deep import _act, _act_grad, _load_mat, _mm, _read, _store_mat
+from .triton_linear import _chunk_gates
 
 __all__ = ["bwd_kernel"]
 
@@ -101,13 +102,7 @@ def bwd_kernel(q_ptr, k_ptr, v_ptr, cth_ptr, beta_ptr, c_ptr, u_ptr, w_ptr, al_p
         v = _load_mat(v_ptr + row0 * DV, ot, b, ov, DV)
         gy = _load_mat(dy_ptr + row0 * DV, ot, b, ov, DV)
         A_c = _load_mat(cth_ptr + cn * b * b, ot, b, ot, b)
-        beta = tl.load(beta_ptr + row0 + ot, mask=mt, other=0.0)
-        c = tl.load(c_ptr + row0 + ot, mask=mt, other=0.0)
-        u = tl.load(u_ptr + row0 + ot, mask=mt, other=0.0)
-        w = tl.load(w_ptr + row0 + ot, mask=mt, other=0.0)
-        beta_l = tl.load(beta_ptr + row0 + b - 1)
-        c_l = tl.load(c_ptr + row0 + b - 1)
-        a_l = tl.load(al_ptr + cn)
+        beta, c, u, w, beta_l, c_l, a_l = _chunk_gates(beta_ptr, c_ptr, u_ptr, w_ptr, al_ptr, row0, cn, ot, mt, b)
         W0 = _load_mat(wi0_ptr + cn * n0, oh, DH, ok, DK)
         S0 = _load_mat(si0_ptr + cn * n0, oh, DH, ok, DK)
         W2 = _load_mat(wi2_ptr + cn * n2, ov, DV, oh, DH)

@@ -34,6 +34,18 @@ def _tok_tile(ptr, row0, rows, nrows, cols, ncols, width):
 
 
 @triton.jit
+def _chunk_gates(beta_ptr, c_ptr, u_ptr, w_ptr, al_ptr, row0, cn, ot, mt, b):
+    """One chunk's per-token gates (beta, c, u, w: rows `ot` of the chunk starting at token row0, 0 past its end),
+    their values at the chunk's last token (beta_l, c_l) and the chunk's forget product a_l; every Titans kernel,
+    forward and backward, reads them alike."""
+    beta = tl.load(beta_ptr + row0 + ot, mask=mt, other=0.0)
+    c = tl.load(c_ptr + row0 + ot, mask=mt, other=0.0)
+    u = tl.load(u_ptr + row0 + ot, mask=mt, other=0.0)
+    w = tl.load(w_ptr + row0 + ot, mask=mt, other=0.0)
+    return beta, c, u, w, tl.load(beta_ptr + row0 + b - 1), tl.load(c_ptr + row0 + b - 1), tl.load(al_ptr + cn)
+
+
+@triton.jit
 def _fwd_kernel(q_ptr, k_ptr, v_ptr, cth_ptr, beta_ptr, c_ptr, u_ptr, w_ptr, al_ptr,
                 w0_ptr, s0_ptr, wg0_ptr,
                 y_ptr, winit_ptr, sinit_ptr, wf_ptr, sf_ptr, wlast_ptr,
@@ -57,13 +69,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, cth_ptr, beta_ptr, c_ptr, u_ptr, w_ptr, al_
         k = _tok_tile(k_ptr, row0, ot, b, ok, DK, DK)
         v = _tok_tile(v_ptr, row0, ot, b, ov, DV, DV)
         cth = _tok_tile(cth_ptr, cn * b, ot, b, ot, b, b)
-        beta = tl.load(beta_ptr + row0 + ot, mask=mt, other=0.0)
-        c = tl.load(c_ptr + row0 + ot, mask=mt, other=0.0)
-        u = tl.load(u_ptr + row0 + ot, mask=mt, other=0.0)
-        w = tl.load(w_ptr + row0 + ot, mask=mt, other=0.0)
-        beta_l = tl.load(beta_ptr + row0 + b - 1)
-        c_l = tl.load(c_ptr + row0 + b - 1)
-        a_l = tl.load(al_ptr + cn)
+        beta, c, u, w, beta_l, c_l, a_l = _chunk_gates(beta_ptr, c_ptr, u_ptr, w_ptr, al_ptr, row0, cn, ot, mt, b)
         # the chunk-start state is the only thing saved for the backward
         tl.store(winit_ptr + cn * DV * DK + st_off, W, mask=st_m)
         tl.store(sinit_ptr + cn * DV * DK + st_off, S, mask=st_m)
@@ -119,13 +125,7 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, cth_ptr, beta_ptr, c_ptr, u_ptr, w_ptr, al_
         v = _tok_tile(v_ptr, row0, ot, b, ov, DV, DV)
         dY = _tok_tile(dy_ptr, row0, ot, b, ov, DV, DV)
         cth = _tok_tile(cth_ptr, cn * b, ot, b, ot, b, b)
-        beta = tl.load(beta_ptr + row0 + ot, mask=mt, other=0.0)
-        c = tl.load(c_ptr + row0 + ot, mask=mt, other=0.0)
-        u = tl.load(u_ptr + row0 + ot, mask=mt, other=0.0)
-        w = tl.load(w_ptr + row0 + ot, mask=mt, other=0.0)
-        beta_l = tl.load(beta_ptr + row0 + b - 1)
-        c_l = tl.load(c_ptr + row0 + b - 1)
-        a_l = tl.load(al_ptr + cn)
+        beta, c, u, w, beta_l, c_l, a_l = _chunk_gates(beta_ptr, c_ptr, u_ptr, w_ptr, al_ptr, row0, cn, ot, mt, b)
         # recompute the chunk's forward intermediates from its saved start state
         E = tl.dot(k, tl.trans(Wg), input_precision="ieee") - v
         P = tl.dot(q, tl.trans(k), input_precision="ieee")
