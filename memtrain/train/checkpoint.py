@@ -29,6 +29,11 @@ import torch.distributed as dist
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 LEFTOVERS = (".tmp-step_", ".old-step_", ".trash-step_")  # prefixes of directories no reader may trust
 
+# meta.json's `format`: what a checkpoint directory holds
+FORMAT_V1 = "memtrain-checkpoint-v1"  # one file per rank with its model shard (import_hf writes it; older runs)
+FORMAT_V2 = "memtrain-checkpoint-v2"  # sharded weights and moments (memtrain/train/sharded.py) + small rank files
+FORMAT = FORMAT_V2                    # what training writes, and the only one it resumes
+
 
 class CheckpointError(Exception):
     """A checkpoint cannot be written or read; the one-line message names the path and the fix."""
@@ -138,17 +143,37 @@ def _fsync_dir(path: Path) -> None:
 def is_complete(path: Path) -> bool:
     """meta.json, the file of every rank it names (an interrupted deletion by an older version left step_*
     directories with meta.json only) and the sharded tensors' index."""
-    meta_file = path / "meta.json"
-    if not meta_file.is_file():
+    if not (path / "meta.json").is_file():
         return False
     try:
-        meta = json.loads(meta_file.read_text())
+        meta = _meta_json(path)
         world = int(meta.get("layout", {}).get("world", 1))
-    except (ValueError, TypeError, AttributeError, OSError):
+    except (CheckpointError, ValueError, TypeError, AttributeError):
         return False
-    sharded = meta.get("format") == "memtrain-checkpoint-v2"  # its sharded tensors' index is written last
+    sharded = meta.get("format") == FORMAT_V2  # its sharded tensors' index is written last
     return all((path / f"rank{r:05d}.pt").is_file() for r in range(world)) and (
         not sharded or (path / "state" / ".metadata").is_file())
+
+
+def _meta_json(path: Path) -> Any:
+    """meta.json of checkpoint directory `path`, parsed; a missing or corrupt file raises `CheckpointError`."""
+    try:
+        return json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+        raise CheckpointError(f"checkpoint {path}: meta.json is unreadable ({e})") from None
+
+
+def read_meta(path: Path, formats: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """meta.json of checkpoint directory `path`: a table with a `layout` table and a `config`, of one of
+    `formats` (any format when None). A missing, corrupt, foreign or other-format file raises `CheckpointError`
+    with a one-line message."""
+    meta = _meta_json(path)
+    if formats is not None and (not isinstance(meta, dict) or meta.get("format") not in formats):
+        got = meta.get("format") if isinstance(meta, dict) else None
+        raise CheckpointError(f"checkpoint {path} has format {got!r}, expected {' or '.join(map(repr, formats))}")
+    if not isinstance(meta, dict) or not isinstance(meta.get("layout"), dict) or "config" not in meta:
+        raise CheckpointError(f"checkpoint {path}: meta.json holds no layout and config (not written by memtrain?)")
+    return meta
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
@@ -186,10 +211,7 @@ def load_checkpoint(path: Path, rank: int = 0) -> tuple[dict[str, Any], dict[str
     if not meta_file.is_file() or not state_file.is_file():
         raise CheckpointError(f"checkpoint {path} is incomplete (no {meta_file.name} or {state_file.name}): "
                               f"resume from another one (RUN_DIR/checkpoints/)")
-    try:
-        meta = json.loads(meta_file.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path}: {meta_file.name} is unreadable ({e})") from None
+    meta = _meta_json(path)  # parsed only: callers that need its layout and config call read_meta
     state = safe_torch_load(state_file)
     if not isinstance(state, dict) or not isinstance(meta, dict):
         raise CheckpointError(f"checkpoint {path} does not hold a memtrain rank state: was it written by memtrain?")

@@ -20,9 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from memtrain.train.checkpoint import FORMAT_V1 as FORMAT  # weights and config only, one rank file
 from memtrain.train.hf import ExportError
-
-FORMAT = "memtrain-checkpoint-v1"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

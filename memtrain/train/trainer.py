@@ -25,8 +25,8 @@ from memtrain.launch.config import LayoutError, check_vocabulary
 from memtrain.model import LayerFactory, build_model
 from memtrain.model.memory import memory_spec
 
-from .checkpoint import (CheckpointError, all_ok, is_complete, list_checkpoints, load_checkpoint,
-                         save_checkpoint)
+from .checkpoint import (FORMAT, CheckpointError, all_ok, is_complete, list_checkpoints, load_checkpoint,
+                         read_meta, save_checkpoint)
 from .dashboards import Dashboards, check_wandb
 from .rundir import RunDirError, claim_run_dir, trim_metrics
 from .config import Config, ConfigError
@@ -58,20 +58,7 @@ def _agree(value: str) -> str:
 
 def _is_weights_only(path: Path) -> bool:
     """An imported checkpoint: weights and config only, no optimizer, stream or RNG state."""
-    return "imported_from" in json.loads((path / "meta.json").read_text())
-
-
-FORMAT = "memtrain-checkpoint-v2"  # sharded weights and moments (memtrain/train/sharded.py) + small rank files
-
-
-def read_meta(path: Path) -> dict[str, Any]:
-    try:
-        meta = json.loads((path / "meta.json").read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path}: meta.json is unreadable ({e})") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("layout"), dict) or "config" not in meta:
-        raise CheckpointError(f"checkpoint {path}: meta.json holds no layout and config (not written by memtrain?)")
-    return meta
+    return "imported_from" in read_meta(path)
 
 
 def _layout_text(layout: dict[str, Any]) -> str:

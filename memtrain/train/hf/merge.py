@@ -21,17 +21,16 @@ checkpoints merge like plain ones.
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..checkpoint import FORMAT_V1, FORMAT_V2, CheckpointError
+from ..checkpoint import read_meta as read_checkpoint_meta
 from . import ExportError
 
-FORMAT = "memtrain-checkpoint-v1"
-SHARDED = "memtrain-checkpoint-v2"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 _LAYOUT_KEYS = ("world", "rank", "tp", "dp", "tp_rank", "dp_rank")
 
@@ -59,22 +58,19 @@ def resolve_checkpoint(path: Path) -> Path:
 
 
 def read_meta(ckpt: Path) -> dict[str, Any]:
-    """meta.json of `ckpt`, checked for the fields the merge needs."""
+    """meta.json of `ckpt` (memtrain.train.checkpoint.read_meta), checked for the fields the merge needs."""
     try:
-        meta = json.loads((ckpt / "meta.json").read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ExportError(f"{ckpt / 'meta.json'} is unreadable ({e.__class__.__name__}: {e})") from None
-    if not isinstance(meta, dict) or meta.get("format") not in (FORMAT, SHARDED):
-        got = meta.get("format") if isinstance(meta, dict) else None
-        raise ExportError(f"{ckpt} has checkpoint format {got!r}, expected {SHARDED!r} or {FORMAT!r}")
-    layout = meta.get("layout")
-    if not isinstance(layout, dict) or any(not isinstance(layout.get(k), int) for k in _LAYOUT_KEYS):
+        meta = read_checkpoint_meta(ckpt, (FORMAT_V2, FORMAT_V1))
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
+    layout = meta["layout"]
+    if any(not isinstance(layout.get(k), int) for k in _LAYOUT_KEYS):
         raise ExportError(f"{ckpt / 'meta.json'} has no valid layout (needs {', '.join(_LAYOUT_KEYS)})")
     if not isinstance(meta.get("config"), dict) or not isinstance(meta["config"].get("model"), dict):
         raise ExportError(f"{ckpt / 'meta.json'} holds no resolved config with a [model] section")
-    if meta["format"] == FORMAT and not isinstance(meta.get("partition_dims"), dict):
+    if meta["format"] == FORMAT_V1 and not isinstance(meta.get("partition_dims"), dict):
         raise ExportError(f"{ckpt / 'meta.json'} has no partition_dims table")
-    if meta["format"] == SHARDED and not isinstance(meta.get("shapes"), dict):
+    if meta["format"] == FORMAT_V2 and not isinstance(meta.get("shapes"), dict):
         raise ExportError(f"{ckpt / 'meta.json'} has no shapes table")
     for key in ("pp", "cp"):
         if not isinstance(layout.get(key, 1), int) or layout.get(key, 1) < 1:
@@ -100,7 +96,7 @@ def check_complete(ckpt: Path, layout: dict[str, Any]) -> None:
 
 
 def load_rank_model(path: Path) -> dict[str, torch.Tensor]:
-    from ..checkpoint import CheckpointError, safe_torch_load
+    from ..checkpoint import safe_torch_load
     try:
         # mmap: only the model tensors are read from disk, not the (2x larger) optimizer state next to them;
         # weights only: nothing in the file can run code
@@ -140,8 +136,7 @@ def merge_model_state(ckpt: Path, meta: dict[str, Any]) -> dict[str, torch.Tenso
     """The full, unsharded native state dict (vocab padding kept) of checkpoint `ckpt`."""
     layout = meta["layout"]
     check_complete(ckpt, layout)
-    if meta["format"] == SHARDED:
-        from ..checkpoint import CheckpointError
+    if meta["format"] == FORMAT_V2:
         from ..sharded import read_full
         try:
             return read_full(ckpt / "state", meta["shapes"])
