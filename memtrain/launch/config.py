@@ -33,6 +33,12 @@ class ParallelConfig:
     order); CP peers read the same batches. Gradients are averaged, and ZeRO partitions, over data × context
     parallel ranks. With parallel.pp > 1 each stage is context parallel (not for model.memory = "rmt")."""
 
+    sequence_parallel: bool = False
+    """Megatron-LM's sequence parallelism inside tensor parallelism: between the TP regions (attention, memory,
+    MLP) each of the parallel.tp ranks holds 1/tp of the sequence's rows, so norms, residuals and the activations
+    saved for them are not replicated (all-gather in, reduce-scatter out instead of one all-reduce). Needs
+    parallel.tp > 1 and sequences whose rows (meta tokens included) divide by parallel.tp. docs/distributed.md."""
+
     backend: str = "auto"
     """torch.distributed backend: auto (nccl on CUDA, gloo on CPU), gloo or nccl."""
 
@@ -79,6 +85,14 @@ def check_layout(model: ModelConfig, parallel: ParallelConfig, seq_len: int) -> 
         raise LayoutError(f"parallel.tp={p.tp} must divide model.n_heads={model.n_heads} "
                           f"and model.n_kv_heads={model.kv_heads}")
     check_vocabulary(model, p)
+    if p.sequence_parallel:
+        if p.tp == 1:
+            raise LayoutError("parallel.sequence_parallel=true splits the sequence over the tensor-parallel ranks: "
+                              "set parallel.tp > 1, or parallel.sequence_parallel=false")
+        for rows, what in spec.sequence_rows(model, seq_len // max(p.cp, 1)):
+            if rows % p.tp:
+                raise LayoutError(f"parallel.sequence_parallel=true splits sequences of {rows} rows ({what}) over "
+                                  f"parallel.tp={p.tp} ranks: make it a multiple of {p.tp}")
     if p.activation_checkpoint != "none" and p.cp > 1:
         raise LayoutError(f"parallel.activation_checkpoint={p.activation_checkpoint!r} does not run with "
                           f"parallel.cp={p.cp} yet (recomputing a block would repeat its rank-to-rank hand-offs): "

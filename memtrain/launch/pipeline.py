@@ -70,14 +70,16 @@ class _Existing(TiedLayerSpec):
 
 
 class MetaPrefix(nn.Module):
-    """Prepends the learned meta tokens (the parameter `Embed.meta`, shared): `[B, T, D]` -> `[B, P + T, D]`."""
+    """Prepends the learned meta tokens (the parameter `Embed.meta`, shared): `[B, T, D]` -> `[B, P + T, D]`, then
+    (sequence parallelism) keeps this rank's rows, as `Embed.forward` does."""
 
     def __init__(self, embed: nn.Module):
         super().__init__()
         self.meta = embed.meta  # the same Parameter object (or None without meta tokens)
+        self.region = embed.region
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return prepend(self.meta, h)
+        return self.region.scatter(prepend(self.meta, h))
 
 
 def _tied_weight_holder(module: nn.Module, logits: torch.Tensor) -> torch.Tensor:

@@ -6,8 +6,15 @@ vocab_parallel_cross_entropy. Parameter names stay those of the single-device mo
 megatron marks every split parameter with `partition_dim`, which is all that merging shards
 (`gather_full`) and loading full weights into shards (`shard_full`) need.
 
-Megatron's layers take `[S, B, D]` in its own code, but without sequence parallelism they only act
+Megatron's layers take `[S, B, D]` in its own code, but used without their own sequence parallelism they only act
 on the last dimension, so `[B, N, D]` is fine.
+
+Sequence parallelism (Megatron-LM's SP, `parallel.sequence_parallel`): between TP regions each rank holds N / tp
+rows of the residual stream; `SequenceParallelRegion` (memtrain/launch/sequence_parallel.py) all-gathers them into a
+region and reduce-scatters the row layers' partial sums out of it. megatron-core's own SP path gathers along dim 0 of `[S, B, H]` into CUDA buffers;
+memtrain keeps `[B, N, D]` (what its attention and memory kernels take), so it runs the same collectives along N
+itself, on any backend (gloo included), and keeps megatron's layers for the matmuls with their reductions switched
+off (`disable_grad_reduce` for columns, the partial sum for rows). docs/distributed.md, "Sequence parallelism".
 """
 from __future__ import annotations
 
@@ -25,16 +32,26 @@ from torch import nn
 
 from memtrain.model.factory import LayerFactory, upcast_for_softmax
 
+from .sequence_parallel import RegatherLinear, SequenceParallelRegion
+
 
 def _normal(std: float):
     return lambda w: nn.init.normal_(w, mean=0.0, std=std)
 
 
 class _Column(ColumnParallelLinear):
-    """Column-parallel linear returning a tensor `[..., out / tp]` (megatron returns (out, bias))."""
+    """Column-parallel linear returning a tensor `[..., out / tp]` (megatron returns (out, bias)).
+
+    Inside a sequence-parallel region, fed by `SequenceParallelRegion.enter`, it keeps only this rank's rows of its
+    input for the backward and gathers them again there (`memtrain/launch/sequence_parallel.py`), as megatron's own SP linear does:
+    the gathered input `[B, N, D]` is not held from the forward to the backward."""
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        return super().forward(x, weight)[0]
+        regather = getattr(x, "_sp_regather", None)
+        if regather is None or not self.disable_grad_reduce:
+            return super().forward(x, weight)[0]
+        rows, shared = regather
+        return RegatherLinear.apply(x, self.weight if weight is None else weight, self.bias, rows, shared)
 
 
 class _Row(RowParallelLinear):
@@ -42,6 +59,16 @@ class _Row(RowParallelLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x)[0]
+
+
+class _PartialRow(RowParallelLinear):
+    """Row-parallel linear inside a sequence-parallel region: `[..., in / tp]` -> this rank's partial sum
+    `[..., out]`; the caller's `region.exit` reduce-scatters it (no bias: it would be added tp times)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._forward_impl(input=x, weight=self.weight, bias=None, gradient_accumulation_fusion=False,
+                                  allreduce_dgrad=False, sequence_parallel=False, tp_group=None,
+                                  grad_output_buffer=None)
 
 
 class _TiedColumn(nn.Module):
@@ -59,7 +86,7 @@ class _TiedColumn(nn.Module):
 class MegatronFactory(LayerFactory):
     """Layers split over the tensor-parallel group of megatron-core's `parallel_state`."""
 
-    def __init__(self, params_dtype: torch.dtype = torch.float32):
+    def __init__(self, params_dtype: torch.dtype = torch.float32, *, sequence_parallel: bool = False):
         if not parallel_state.model_parallel_is_initialized():
             raise RuntimeError("call memtrain.launch.groups.init_parallel(...) before building a tensor-parallel model")
         self.tp_size = parallel_state.get_tensor_model_parallel_world_size()
@@ -72,14 +99,24 @@ class MegatronFactory(LayerFactory):
             perform_initialization=True,
             params_dtype=params_dtype,
             gradient_accumulation_fusion=False,
-            sequence_parallel=False,
+            sequence_parallel=False,  # megatron's own SP path: see the module docstring
         )
+        self.sequence_parallel = sequence_parallel and self.tp_size > 1
+        if self.sequence_parallel:
+            self.region = SequenceParallelRegion(parallel_state.get_tensor_model_parallel_group())
 
-    def column(self, in_features: int, out_features: int, *, std: float, bias: bool = False) -> nn.Module:
-        return _Column(in_features, out_features, config=self.config, init_method=_normal(std),
-                       bias=bias, gather_output=False)
+    def column(self, in_features: int, out_features: int, *, std: float, bias: bool = False,
+               sequence_parallel: bool = False) -> nn.Module:
+        return _Column(in_features, out_features, config=self.config, init_method=_normal(std), bias=bias,
+                       gather_output=False, disable_grad_reduce=sequence_parallel and self.sequence_parallel)
 
-    def row(self, in_features: int, out_features: int, *, std: float, bias: bool = False) -> nn.Module:
+    def row(self, in_features: int, out_features: int, *, std: float, bias: bool = False,
+            sequence_parallel: bool = False) -> nn.Module:
+        if sequence_parallel and self.sequence_parallel:
+            if bias:
+                raise ValueError("a sequence-parallel row layer takes no bias (its partial sums are reduced later)")
+            return _PartialRow(in_features, out_features, config=self.config, init_method=_normal(std),
+                               bias=False, input_is_parallel=True, skip_bias_add=True)
         return _Row(in_features, out_features, config=self.config, init_method=_normal(std), bias=bias,
                     input_is_parallel=True, skip_bias_add=False)
 
@@ -88,13 +125,17 @@ class MegatronFactory(LayerFactory):
 
     def lm_head(self, dim: int, vocab: int, *, std: float, tied: nn.Module | None = None) -> nn.Module:
         if tied is None:
-            return self.column(dim, vocab, std=std)
+            return self.column(dim, vocab, std=std, sequence_parallel=True)
         head = _Column(dim, vocab, config=self.config, init_method=_normal(std), bias=False,
-                       gather_output=False, skip_weight_param_allocation=True)
+                       gather_output=False, skip_weight_param_allocation=True,
+                       disable_grad_reduce=self.sequence_parallel)
         return _TiedColumn(head, tied)
 
     def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return vocab_parallel_cross_entropy(upcast_for_softmax(logits), targets)
+        # megatron shifts its input by the row max in place: work on a copy, so the logits the model returns stay
+        # the logits (a bf16 input is copied by the upcast anyway)
+        upcast = upcast_for_softmax(logits)
+        return vocab_parallel_cross_entropy(upcast.clone() if upcast is logits else upcast, targets)
 
     def vocab_range(self, vocab: int) -> tuple[int, int]:
         return tuple(VocabUtility.vocab_range_from_global_vocab_size(vocab, self.tp_rank, self.tp_size))

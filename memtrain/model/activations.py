@@ -2,7 +2,8 @@
 
 Counted in elements per layer from the model's shapes, then x bytes by the planner. Shapes: B micro-batch, T text
 tokens (data.seq_len / cp), P meta tokens, N = P + T positions through a block, D = d_model, F = ffn width, Hq/Hkv
-attention heads of width Dh, tp the tensor-parallel size (head and FFN tensors are split, D-wide ones replicated).
+attention heads of width Dh, tp the tensor-parallel size (head and FFN tensors are split, D-wide ones replicated
+unless sequence parallelism splits them too: `sp` = tp then, else 1).
 
 The coefficients are the tensors memtrain's blocks hand to autograd in fp32 on CPU (SDPA attention, the chunked
 Titans kernel), counted once with `torch.autograd.graph.saved_tensors_hooks`; tests/unit/test_plan.py re-counts
@@ -36,46 +37,49 @@ class Shapes:
     Hkv: int
     Dh: int
     tp: int
+    sp: int = 1
+    """What the residual stream's D-wide tensors are divided by: tp under sequence parallelism, else 1."""
 
     @property
     def N(self) -> int:
         return self.P + self.T
 
 
-def shapes(cfg: ModelConfig, batch: int, seq_len: int, tp: int, cp: int = 1) -> Shapes:
+def shapes(cfg: ModelConfig, batch: int, seq_len: int, tp: int, cp: int = 1,
+           sequence_parallel: bool = False) -> Shapes:
     return Shapes(B=batch, T=seq_len // cp, P=cfg.num_meta_tokens, D=cfg.d_model, F=cfg.ffn_width,
-                  Hq=cfg.n_heads, Hkv=cfg.kv_heads, Dh=cfg.head_dim, tp=tp)
+                  Hq=cfg.n_heads, Hkv=cfg.kv_heads, Dh=cfg.head_dim, tp=tp, sp=tp if sequence_parallel else 1)
 
 
 def attention(s: Shapes, n: int) -> float:
-    return n * (ATTN_D * s.D + (ATTN_HQ * s.Hq + ATTN_HKV * s.Hkv) * s.Dh / s.tp)
+    return n * (ATTN_D * s.D / s.sp + (ATTN_HQ * s.Hq + ATTN_HKV * s.Hkv) * s.Dh / s.tp)
 
 
 def mlp(s: Shapes, n: int) -> float:
-    return n * (MLP_D * s.D + MLP_F * s.F / s.tp)
+    return n * (MLP_D * s.D / s.sp + MLP_F * s.F / s.tp)
 
 
 def sel_attention(s: Shapes, n: int) -> float:
-    return n * ((s.Hq + 2 * s.Hkv) * s.Dh / s.tp + SEL_ATTN_D * s.D)
+    return n * ((s.Hq + 2 * s.Hkv) * s.Dh / s.tp + SEL_ATTN_D * s.D / s.sp)
 
 
 def plain(s: Shapes, n: int, mode: str) -> float:
     if mode == "full":
-        return n * s.D
+        return n * s.D / s.sp
     if mode == "selective":
-        return sel_attention(s, n) + n * (SEL_MLP_D * s.D + SEL_MLP_F * s.F / s.tp)
+        return sel_attention(s, n) + n * (SEL_MLP_D * s.D / s.sp + SEL_MLP_F * s.F / s.tp)
     return attention(s, n) + mlp(s, n)
 
 
 def head_elements(cfg: ModelConfig, s: Shapes) -> float:
     """The last stage's output head for one sequence: final norm (2 × T·D), logits, their masked copy and the fp32
     log-softmax of the loss (3 × T·V/tp; the loss always upcasts, docs/planner.md)."""
-    return 2 * s.T * s.D + 3 * s.T * cfg.padded_vocab_size / s.tp
+    return 2 * s.T * s.D / s.sp + 3 * s.T * cfg.padded_vocab_size / s.tp
 
 
 def embed_elements(cfg: ModelConfig, s: Shapes) -> float:
     """The first stage's embedding output with the meta tokens prepended (kept by the first block's norm)."""
-    return s.N * s.D
+    return s.N * s.D / s.sp
 
 
 def layer_elements(cfg: ModelConfig, s: Shapes, mode: str = "none") -> tuple[float, float]:

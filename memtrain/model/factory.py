@@ -13,6 +13,12 @@ Contract (shapes for inputs `[..., in]`):
 - `cross_entropy(logits, targets)`: per-token loss `[B, T]` from (possibly vocab-sharded) logits.
 - `vocab_range(vocab)`: the global ids `[start, end)` whose logits this rank holds.
 
+Under sequence parallelism (`factory.region`, Megatron-LM's SP) the residual stream between tensor-parallel regions
+holds only this rank's rows `[B, N / tp, D]`. A layer the caller runs inside such a region is asked for with
+`sequence_parallel=True`: a column layer's input then comes from `region.enter` (which sums its input gradient, so the
+layer does not), a row layer's output is this rank's partial sum, handed to `region.exit`. Without sequence
+parallelism the flag changes nothing and `region` is the identity.
+
 The factory also carries `sequence`, the seam for context parallelism: a `SequenceOps` object the model asks
 for everything that crosses the sequence dimension (attention over earlier positions, memory state handed
 from one slice of the sequence to the next). The default below is single-device (this process holds the
@@ -100,30 +106,72 @@ class SequenceOps:
                            chunk_offset=chunk_offset, act=act, backend=backend)
 
 
+class RegionOps:
+    """How activations enter and leave tensor-parallel regions; without sequence parallelism every call is the identity.
+
+    Under sequence parallelism (memtrain/launch/tensor_parallel.py, `SequenceParallelRegion`) the N rows of the
+    residual stream `[B, N, D]` (meta tokens included) are split into `tp` contiguous pieces, rank r holding rows
+    r·N/tp .. (r+1)·N/tp − 1; the methods below then communicate over the TP group.
+    """
+
+    active: bool = False
+    size: int = 1
+
+    def local_rows(self, rows: int) -> int:
+        """How many of a sequence's `rows` positions this rank holds between regions."""
+        return rows
+
+    def scatter(self, h: torch.Tensor) -> torch.Tensor:
+        """A replicated `[B, N, D]` (the same on every TP rank) -> this rank's rows `[B, N / tp, D]`."""
+        return h
+
+    def gather(self, h: torch.Tensor) -> torch.Tensor:
+        """This rank's rows -> the replicated `[B, N, D]`, for code that consumes it the same way on every rank."""
+        return h
+
+    def enter(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's rows -> `[B, N, D]`, the input of `sequence_parallel=True` column layers (their input
+        gradients are partial sums: the backward of this call reduces them)."""
+        return x
+
+    def exit(self, y: torch.Tensor) -> torch.Tensor:
+        """Partial sums `[B, N, D]` of `sequence_parallel=True` row layers -> this rank's rows of their sum."""
+        return y
+
+    def sum_grad(self, weight: torch.Tensor) -> torch.Tensor:
+        """`weight` as used on this rank's rows only (e.g. a norm's gain): its gradient is summed over the TP ranks."""
+        return weight
+
+
 class LayerFactory:
     """Single-device layers (TP = 1)."""
 
     tp_size: int = 1
     tp_rank: int = 0
+    region: RegionOps = RegionOps()
+    """Sequence parallelism between tensor-parallel regions (identity unless the factory is sequence parallel)."""
     sequence: SequenceOps = SequenceOps()
     """Set to a `memtrain.launch.context_parallel.ContextParallel` on an instance for context parallelism."""
     holds: Callable[[str], bool] | None = None
     """Which top-level parts ("embed", "blocks.{i}", "head") this process builds with storage; the others are
     built on the meta device (shapes only). None: all of them. A pipeline stage sets it to its own parts."""
 
-    def column(self, in_features: int, out_features: int, *, std: float, bias: bool = False) -> nn.Module:
+    def column(self, in_features: int, out_features: int, *, std: float, bias: bool = False,
+               sequence_parallel: bool = False) -> nn.Module:
         return _init(nn.Linear(in_features, out_features, bias=bias, device="meta"), std)
 
-    def row(self, in_features: int, out_features: int, *, std: float, bias: bool = False) -> nn.Module:
+    def row(self, in_features: int, out_features: int, *, std: float, bias: bool = False,
+            sequence_parallel: bool = False) -> nn.Module:
         return _init(nn.Linear(in_features, out_features, bias=bias, device="meta"), std)
 
     def embedding(self, vocab: int, dim: int, *, std: float) -> nn.Module:
         return _init(nn.Embedding(vocab, dim, device="meta"), std)
 
     def lm_head(self, dim: int, vocab: int, *, std: float, tied: nn.Module | None = None) -> nn.Module:
+        """Input from `region.enter` (a sequence-parallel column layer)."""
         if tied is not None:
             return _TiedHead(tied)
-        return self.column(dim, vocab, std=std)
+        return self.column(dim, vocab, std=std, sequence_parallel=True)
 
     def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Per-token loss `[B, T]` from logits `[B, T, V]` in fp32 (bf16 softmax loses digits)."""

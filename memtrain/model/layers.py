@@ -13,21 +13,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .factory import LayerFactory
+from .factory import LayerFactory, RegionOps
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) · g, computed in fp32 (the mean of squares loses digits in bf16)."""
+    """x / rms(x) · g, computed in fp32 (the mean of squares loses digits in bf16).
 
-    def __init__(self, dim: int, eps: float):
+    `region`: given for a norm of the residual stream, which under sequence parallelism sees only this rank's rows
+    (its gain's gradient is then summed over the TP ranks); None for a norm of a replicated tensor."""
+
+    def __init__(self, dim: int, eps: float, region: RegionOps | None = None):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.region = region
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x if x.dtype == torch.float64 else x.float()  # fp64 stays fp64: exact fp64 tests (gradients too)
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.to(xf.dtype)).to(x.dtype)
+        weight = self.weight if self.region is None else self.region.sum_grad(self.weight)
+        return (xf * weight.to(xf.dtype)).to(x.dtype)
 
 
 def rotary_tables(
@@ -61,14 +66,17 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class SwiGLU(nn.Module):
-    """down(silu(gate(x)) · up(x)); gate and up are separate column layers so TP splits both alike."""
+    """down(silu(gate(x)) · up(x)); gate and up are separate column layers so TP splits both alike.
+
+    A sequence-parallel region (memtrain/model/factory.py): the caller passes x through `region.enter` and the
+    output (a partial sum under sequence parallelism) through `region.exit`."""
 
     def __init__(self, cfg: ModelConfig, factory: LayerFactory):
         super().__init__()
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
-        self.gate = factory.column(cfg.d_model, cfg.ffn_width, std=cfg.init_std)
-        self.up = factory.column(cfg.d_model, cfg.ffn_width, std=cfg.init_std)
-        self.down = factory.row(cfg.ffn_width, cfg.d_model, std=out_std)
+        self.gate = factory.column(cfg.d_model, cfg.ffn_width, std=cfg.init_std, sequence_parallel=True)
+        self.up = factory.column(cfg.d_model, cfg.ffn_width, std=cfg.init_std, sequence_parallel=True)
+        self.down = factory.row(cfg.ffn_width, cfg.d_model, std=out_std, sequence_parallel=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(F.silu(self.gate(x)) * self.up(x))
@@ -80,9 +88,12 @@ class Attention(nn.Module):
     The fused QKV projection is laid out group by group — for each KV head: its G = Hq/Hkv query heads,
     then its key, then its value — so that splitting the output features into TP contiguous slices hands
     every rank whole groups (the layout megatron-core uses). Needs Hkv divisible by the TP size.
+
+    `sequence_parallel`: the caller runs it as a sequence-parallel region (input through `region.enter`, output
+    through `region.exit`, memtrain/model/factory.py); False where its output is needed whole inside the block.
     """
 
-    def __init__(self, cfg: ModelConfig, factory: LayerFactory, layer: int):
+    def __init__(self, cfg: ModelConfig, factory: LayerFactory, layer: int, *, sequence_parallel: bool = True):
         super().__init__()
         tp = factory.tp_size
         self.head_dim = cfg.head_dim
@@ -94,8 +105,8 @@ class Attention(nn.Module):
         self.backend = cfg.attention_backend
         self.sequence = factory.sequence  # single-device, or context parallel (memtrain/launch/context_parallel.py)
         qkv_out = cfg.kv_heads * (self.group + 2) * cfg.head_dim
-        self.qkv = factory.column(cfg.d_model, qkv_out, std=cfg.init_std)
-        self.out = factory.row(cfg.n_heads * cfg.head_dim, cfg.d_model,
+        self.qkv = factory.column(cfg.d_model, qkv_out, std=cfg.init_std, sequence_parallel=sequence_parallel)
+        self.out = factory.row(cfg.n_heads * cfg.head_dim, cfg.d_model, sequence_parallel=sequence_parallel,
                                std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
 
     def forward(
@@ -135,16 +146,21 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm decoder block: h + attn(norm(h)), then + mlp(norm(h)). `[B, N, D]` -> `[B, N, D]`."""
+    """Pre-norm decoder block: h + attn(norm(h)), then + mlp(norm(h)). `[B, N, D]` -> `[B, N, D]`.
+
+    Under sequence parallelism h is this rank's rows `[B, N / tp, D]` (memtrain/model/factory.py, `RegionOps`):
+    norms and residual adds run on them, attention and the MLP on the whole sequence between `enter` and `exit`."""
 
     def __init__(self, cfg: ModelConfig, factory: LayerFactory, layer: int):
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.region = factory.region
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, factory.region)
         self.attn = Attention(cfg, factory, layer)
-        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, factory.region)
         self.mlp = SwiGLU(cfg, factory)
 
     def forward(self, h: torch.Tensor, **attn_kwargs) -> torch.Tensor:
         """`attn_kwargs` (rotary, attend) go to `Attention.forward`; none are needed for the plain model."""
-        h = h + self.attn(self.attn_norm(h), **attn_kwargs)
-        return h + self.mlp(self.mlp_norm(h))
+        region = self.region
+        h = h + region.exit(self.attn(region.enter(self.attn_norm(h)), **attn_kwargs))
+        return h + region.exit(self.mlp(region.enter(self.mlp_norm(h))))

@@ -70,21 +70,26 @@ def prepend(prefix: torch.Tensor | None, h: torch.Tensor) -> torch.Tensor:
 
 
 class Embed(nn.Module):
-    """Token embedding plus the learned meta tokens: ids `[B, T]` -> h `[B, P + T, D]`."""
+    """Token embedding plus the learned meta tokens: ids `[B, T]` -> h `[B, P + T, D]` (under sequence parallelism
+    this rank's rows `[B, (P + T) / tp, D]`: memtrain/model/factory.py, `RegionOps`)."""
 
     def __init__(self, cfg: ModelConfig, factory: LayerFactory):
         super().__init__()
+        self.region = factory.region
         self.tokens = factory.embedding(cfg.padded_vocab_size, cfg.d_model, std=cfg.init_std)
         # Meta tokens are replicated on every TP rank: their gradients agree because h is replicated.
         self.meta = nn.Parameter(torch.randn(cfg.num_meta_tokens, cfg.d_model) * cfg.init_std) \
             if cfg.num_meta_tokens else None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return prepend(self.meta, self.tokens(ids))
+        return self.region.scatter(prepend(self.meta, self.tokens(ids)))
 
 
 class Head(nn.Module):
     """Final norm, meta tokens dropped, output projection: h `[B, P + T, D]` -> logits `[B, T, V_local]`.
+
+    Under sequence parallelism h is this rank's rows: the norm runs on them, the projection on the whole sequence
+    (gathered by `region.enter`), so every TP rank gets the logits of every position for its vocabulary slice.
 
     Logits of vocabulary padding rows are pushed to the dtype's minimum so they never take probability
     mass: the loss is then the same whatever the padding (and thus whatever the TP size).
@@ -94,15 +99,22 @@ class Head(nn.Module):
         super().__init__()
         self.num_prefix = cfg.num_meta_tokens
         self.vocab_size = cfg.vocab_size
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.region = factory.region
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, factory.region)
         tied = embed.tokens if cfg.tie_embeddings else None
         self.proj = factory.lm_head(cfg.d_model, cfg.padded_vocab_size, std=cfg.init_std, tied=tied)
         start, end = factory.vocab_range(cfg.padded_vocab_size)
         self.register_buffer("pad_mask", torch.arange(start, end) >= cfg.vocab_size, persistent=False)
         self.has_padding = end > cfg.vocab_size  # a Python bool: no device sync per forward
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        logits = self.proj(self.norm(h[:, self.num_prefix:]))
+    def forward(self, h: torch.Tensor, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        """Logits of rows [start, stop) of the whole sequence (default: all rows after the meta tokens)."""
+        start = self.num_prefix if start is None else start
+        if self.region.active:  # the norm on this rank's rows, then the whole sequence for the projection
+            x = self.region.enter(self.norm(h))[:, start:stop]
+        else:
+            x = self.norm(h[:, start:stop])
+        logits = self.proj(x)
         if self.has_padding:
             logits = logits.masked_fill(self.pad_mask, torch.finfo(logits.dtype).min)
         return logits

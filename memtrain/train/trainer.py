@@ -122,7 +122,7 @@ class Trainer:
         factory = LayerFactory()
         if self.layout.tp > 1:
             from memtrain.launch.tensor_parallel import MegatronFactory
-            factory = MegatronFactory()
+            factory = MegatronFactory(sequence_parallel=cfg.parallel.sequence_parallel)
         if self.layout.cp > 1:  # context parallel: this rank holds a slice of every sequence
             from memtrain.launch.context_parallel import ContextParallel  # rules: cfg.validate (check_layout)
             factory.sequence = ContextParallel()

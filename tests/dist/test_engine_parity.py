@@ -17,7 +17,7 @@ GLOBAL_BATCH = 4
 SEQ = 12
 
 
-def _config(tp: int = 1, zero: int = 0, accum: int = 1, engine: str = "deepspeed"):
+def _config(tp: int = 1, zero: int = 0, accum: int = 1, engine: str = "deepspeed", sp: bool = False):
     from memtrain.train.config import load_config
     return load_config(None, [
         "model.vocab_size=96", "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
@@ -25,7 +25,7 @@ def _config(tp: int = 1, zero: int = 0, accum: int = 1, engine: str = "deepspeed
         "model.attention_backend=\"sdpa\"", f"data.seq_len={SEQ}", "optim.lr=1e-3", "optim.grad_clip=0.5",
         "schedule.warmup_steps=0", "schedule.steps=10", f"parallel.tp={tp}", f"parallel.zero_stage={zero}",
         f"optim.grad_accum={accum}", f"parallel.engine=\"{engine}\"", "device=\"cpu\"",
-        f"data.batch_size={GLOBAL_BATCH}"])
+        f"data.batch_size={GLOBAL_BATCH}", f"parallel.sequence_parallel={str(sp).lower()}"])
 
 
 def _batch():
@@ -43,7 +43,7 @@ def _one_step(cfg, layout, device=torch.device("cpu"), batch=None):
     from memtrain.train.flops import flops_per_token
 
     torch.manual_seed(0)
-    factory = MegatronFactory() if layout.tp > 1 else LayerFactory()
+    factory = MegatronFactory(sequence_parallel=cfg.parallel.sequence_parallel) if layout.tp > 1 else LayerFactory()
     model = build_model(cfg.model, factory)
     engine = build_engine(model, cfg, layout, run_dir=None, device=device)
     flops = flops_per_token(model, SEQ, layout.tp)  # after the engine: ZeRO-3 has partitioned the weights by now
@@ -68,10 +68,11 @@ def _ranks(rank: int, world: int, cases: list[tuple[int, int, int]]):
     from memtrain.launch.groups import destroy_parallel, init_parallel
     from megatron.core import parallel_state
     results = {}
-    for tp, zero, accum in cases:
-        cfg = _config(tp=tp, zero=zero, accum=accum)
+    for case in cases:
+        tp, zero, accum, *sp = case  # a 4th element: sequence parallelism
+        cfg = _config(tp=tp, zero=zero, accum=accum, sp=bool(sp and sp[0]))
         layout = init_parallel(cfg.parallel, torch.device("cpu"))
-        results[(tp, zero, accum)] = _one_step(cfg, layout)
+        results[case] = _one_step(cfg, layout)
         parallel_state.destroy_model_parallel()  # the next case may want another TP size
     return results
 
@@ -88,7 +89,8 @@ def reference():
 # hook state (reset in DeepSpeedEngine.forward) must be reset by our engine wrapper, or every micro-batch's
 # gradient overwrites the previous one (norm 0.85 instead of 1.25): this case guards that.
 ZERO3_ACCUM = (1, 3, 2)
-CASES_2 = [(1, 0, 1), (1, 1, 1), (1, 2, 1), (1, 3, 1), (1, 2, 2), (2, 0, 1), (2, 1, 2), ZERO3_ACCUM]
+# (2, 1, 2, True): sequence parallelism, its norm gains' gradients summed over TP before ZeRO-1 and clipping
+CASES_2 = [(1, 0, 1), (1, 1, 1), (1, 2, 1), (1, 3, 1), (1, 2, 2), (2, 0, 1), (2, 1, 2), ZERO3_ACCUM, (2, 1, 2, True)]
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +98,7 @@ def two_rank_results():
     return run_ranks(_ranks, 2, CASES_2)
 
 
-@pytest.mark.parametrize("case", CASES_2, ids=lambda c: f"tp{c[0]}-zero{c[1]}-accum{c[2]}")
+@pytest.mark.parametrize("case", CASES_2, ids=lambda c: f"tp{c[0]}-zero{c[1]}-accum{c[2]}" + ("-sp" if c[3:] else ""))
 def test_two_ranks_reproduce_single_process(reference, two_rank_results, case):
     for rank, results in enumerate(two_rank_results):
         got = results[case]

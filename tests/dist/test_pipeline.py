@@ -22,7 +22,7 @@ SEQ = 12
 
 
 def _config(pp: int = 1, tp: int = 1, zero: int = 0, accum: int = 1, dp: int = 1, engine: str = "deepspeed",
-            tied: bool = True, cp: int = 1):
+            tied: bool = True, cp: int = 1, sp: bool = False):
     from memtrain.train.config import load_config
     return load_config(None, [
         "model.vocab_size=96", "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
@@ -31,7 +31,8 @@ def _config(pp: int = 1, tp: int = 1, zero: int = 0, accum: int = 1, dp: int = 1
         "optim.lr=1e-3",
         "optim.grad_clip=0.5", "schedule.warmup_steps=0", "schedule.steps=10", f"parallel.tp={tp}",
         f"parallel.pp={pp}", f"parallel.cp={cp}", f"parallel.zero_stage={zero}", f"optim.grad_accum={accum}",
-        f"parallel.engine=\"{engine}\"", "device=\"cpu\"", f"data.batch_size={GLOBAL_BATCH // (accum * dp)}"])
+        f"parallel.engine=\"{engine}\"", "device=\"cpu\"", f"data.batch_size={GLOBAL_BATCH // (accum * dp)}",
+        f"parallel.sequence_parallel={str(sp).lower()}"])
 
 
 def _batch():
@@ -43,7 +44,7 @@ def _batch():
 def _model(cfg, layout):
     from memtrain.launch.context_parallel import ContextParallel
     from memtrain.launch.tensor_parallel import MegatronFactory
-    factory = MegatronFactory() if layout.tp > 1 else LayerFactory()
+    factory = MegatronFactory(sequence_parallel=cfg.parallel.sequence_parallel) if layout.tp > 1 else LayerFactory()
     if layout.cp > 1:  # each stage context parallel: the engine hands every rank its slice
         factory.sequence = ContextParallel()
     torch.manual_seed(0)
@@ -69,11 +70,11 @@ def _pipeline_step(cfg, layout, interval: int, ckpt_dir: str | None = None, batc
     params = {name: gather_full(p.detach(), p) for name, p in stage_parameters(engine.pipe, model).items()}
     result = {"loss": loss, "eval_loss": eval_loss, "norm": norm, "params": params, "stage": layout.pp_rank}
     if ckpt_dir is not None:  # DeepSpeed's pipeline checkpoint restores the stage into a fresh engine
-        engine.save(Path(ckpt_dir))
+        small = engine.save(Path(ckpt_dir))  # the trainer keeps this in the rank's own file
         torch.manual_seed(1)  # other initial weights, overwritten by the load
         fresh_model = build_model(cfg.model, model.factory)
         fresh = PipelineEngine(fresh_model, cfg, layout, run_dir=None, bf16=False)
-        fresh.load(Path(ckpt_dir), {})
+        fresh.load(Path(ckpt_dir), small)
         restored = stage_parameters(fresh.pipe, fresh_model)
         result["restore_diff"] = max(float((restored[n] - p).abs().max())
                                      for n, p in stage_parameters(engine.pipe, model).items())
@@ -87,9 +88,9 @@ def _ranks(rank: int, world: int, cases: list[tuple], ckpt_dir: str | None = Non
     from memtrain.launch.groups import init_parallel
     results = {}
     for i, case in enumerate(cases):
-        pp, tp, zero, accum, interval, tied, *cp = case
-        cp = cp[0] if cp else 1
-        cfg = _config(pp=pp, tp=tp, zero=zero, accum=accum, dp=world // (pp * tp * cp), tied=tied, cp=cp)
+        pp, tp, zero, accum, interval, tied, *rest = case
+        cp, sp = (rest + [1, False][len(rest):])[:2]
+        cfg = _config(pp=pp, tp=tp, zero=zero, accum=accum, dp=world // (pp * tp * cp), tied=tied, cp=cp, sp=sp)
         layout = init_parallel(cfg.parallel, torch.device("cpu"))
         results[case] = _pipeline_step(cfg, layout, interval, ckpt_dir if i == 0 else None)
         parallel_state.destroy_model_parallel()  # the next case may want another layout
@@ -136,10 +137,11 @@ def _check(references, per_rank: list[dict], case) -> None:
           f"{abs(per_rank[0][case]['norm'] - reference['norm']) / reference['norm']:.2e} rel, weights {worst:.2e}")
 
 
-# (pp, tp, zero_stage, micro-batches, activation_checkpoint_interval, tied embeddings[, cp])
+# (pp, tp, zero_stage, micro-batches, activation_checkpoint_interval, tied embeddings[, cp[, sequence parallel]])
 CASES_2 = [(2, 1, 0, 2, 0, True), (2, 1, 0, 2, 1, True), (2, 1, 1, 4, 0, True), (2, 1, 0, 2, 0, False)]
-# PP × TP; PP × DP with ZeRO 1; PP × CP (each stage context parallel: halo of the windowed layer, gathered K/V)
-CASES_4 = [(2, 2, 0, 2, 0, True), (2, 1, 1, 2, 1, True), (2, 1, 0, 2, 0, True, 2)]
+# PP × TP; PP × DP with ZeRO 1; PP × CP (each stage context parallel: halo of the windowed layer, gathered K/V);
+# PP × TP with sequence parallelism (stages pass this rank's rows), checkpointing every block
+CASES_4 = [(2, 2, 0, 2, 0, True), (2, 1, 1, 2, 1, True), (2, 1, 0, 2, 0, True, 2), (2, 2, 0, 2, 1, True, 1, True)]
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +176,8 @@ def test_pipeline_checkpoint_restores_every_stage(two_ranks):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", CASES_4, ids=["pp2xtp2-zero0-micro2", "pp2xdp2-zero1-micro2-ckpt1", "pp2xcp2-micro2"])
+@pytest.mark.parametrize("case", CASES_4, ids=["pp2xtp2-zero0-micro2", "pp2xdp2-zero1-micro2-ckpt1", "pp2xcp2-micro2",
+                                         "pp2xtp2-sp-micro2-ckpt1"])
 def test_pp2_with_tp_or_dp_reproduces_single_process(references, four_ranks, case):
     _check(references, four_ranks, case)
 

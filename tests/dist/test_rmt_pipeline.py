@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,6 +35,7 @@ class Case:
     tied: bool = True
     interval: int = 0          # activation checkpoint interval
     fp64: bool = False         # fp64 weights, clipping off: the gradient path checked to rounding
+    sp: bool = False           # sequence parallelism (with tp > 1)
 
     @property
     def world(self) -> int:
@@ -48,6 +50,7 @@ CASES_2 = {
 }
 CASES_4 = {
     "tp2-partial": Case(tp=2, tokens=11),
+    "tp2-sp-partial": Case(tp=2, tokens=11, sp=True),  # rows per segment 12 (partial: 8), split over TP
     "dp2-bptt1-ckpt2": Case(dp=2, bptt=1, interval=2),
 }
 CASES = {**CASES_2, **CASES_4}
@@ -67,6 +70,7 @@ def _config(case: Case, pp: int):
         f"parallel.tp={case.tp if pp > 1 else 1}", f"parallel.pp={pp}", f"optim.grad_accum={case.accum}",
         f"parallel.engine=\"{'auto' if pp > 1 else 'torch'}\"", "device=\"cpu\"",
         f"parallel.activation_checkpoint_interval={case.interval}",
+        f"parallel.sequence_parallel={str(case.sp and pp > 1).lower()}",
         f"data.batch_size={GLOBAL_BATCH // (case.accum * case.dp)}"])
 
 
@@ -80,10 +84,11 @@ def _model(cfg, tp: int, dtype: torch.dtype, seed: int = 0):
     from memtrain.launch.tensor_parallel import MegatronFactory
     from memtrain.model import LayerFactory, build_model
     torch.manual_seed(seed)
-    return build_model(cfg.model, MegatronFactory() if tp > 1 else LayerFactory()).to(dtype)
+    factory = MegatronFactory(sequence_parallel=cfg.parallel.sequence_parallel) if tp > 1 else LayerFactory()
+    return build_model(cfg.model, factory).to(dtype)
 
 
-def _pipeline_step(cfg, layout, case: Case, ckpt: bool) -> dict:
+def _pipeline_step(cfg, layout, case: Case, ckpt: str | None) -> dict:
     """Eval loss, then one step on this rank's rows; this stage's updated weights (TP shards gathered)."""
     from memtrain.train.engines.rmt_pipeline import RMTPipelineEngine
     from memtrain.launch.tensor_parallel import gather_full
@@ -100,19 +105,20 @@ def _pipeline_step(cfg, layout, case: Case, ckpt: bool) -> dict:
     params = {name: gather_full(p.detach(), p).clone() for name, p in engine.named.items()}
     result = {"loss": loss, "eval_loss": eval_loss, "norm": norm, "params": params, "stage": layout.pp_rank}
     if ckpt:  # the stage's weights, optimizer and schedule restored into a fresh engine take the same next step
-        buffer = io.BytesIO()  # through torch.save, as the trainer's checkpoint (no tensor shared with `engine`)
-        torch.save({"model": engine.model_state(), **engine.save(None)}, buffer)
+        # as the trainer's checkpoint: tensors sharded into the directory `ckpt`, small state through torch.save
+        buffer = io.BytesIO()
+        torch.save(engine.save(Path(ckpt)), buffer)
         buffer.seek(0)
         state = torch.load(buffer, weights_only=False)
         fresh = RMTPipelineEngine(_model(cfg, layout.tp, dtype, seed=1), cfg, layout, run_dir=None, bf16=False)
-        fresh.load(None, state)
+        fresh.load(Path(ckpt), state)
         losses = [e.train_step(batches, tokens=case.tokens)[0] for e in (engine, fresh)]
         result["restored"] = (losses, (engine.lr, fresh.lr), max(
             float((a - b).abs().max()) for a, b in zip(engine.model_state().values(), fresh.model_state().values())))
     return result
 
 
-def _ranks(rank: int, world: int, names: list[str]) -> dict:
+def _ranks(rank: int, world: int, names: list[str], ckpt_dir: str) -> dict:
     from megatron.core import parallel_state
 
     from memtrain.launch.groups import init_parallel
@@ -120,7 +126,7 @@ def _ranks(rank: int, world: int, names: list[str]) -> dict:
     for i, name in enumerate(names):
         cfg = _config(CASES[name], pp=2)
         layout = init_parallel(cfg.parallel, torch.device("cpu"))
-        results[name] = _pipeline_step(cfg, layout, CASES[name], ckpt=i == 0)
+        results[name] = _pipeline_step(cfg, layout, CASES[name], ckpt=ckpt_dir if i == 0 else None)
         parallel_state.destroy_model_parallel()  # the next case may want another layout
     return results
 
@@ -147,13 +153,13 @@ def references():
 
 
 @pytest.fixture(scope="module")
-def two_ranks():
-    return run_ranks(_ranks, 2, list(CASES_2))
+def two_ranks(tmp_path_factory):
+    return run_ranks(_ranks, 2, list(CASES_2), str(tmp_path_factory.mktemp("rmt_pipeline_ckpt")))
 
 
 @pytest.fixture(scope="module")
-def four_ranks():
-    return run_ranks(_ranks, 4, list(CASES_4))
+def four_ranks(tmp_path_factory):
+    return run_ranks(_ranks, 4, list(CASES_4), str(tmp_path_factory.mktemp("rmt_pipeline_ckpt")))
 
 
 def _check(reference: dict, per_rank: list[dict], name: str) -> dict:

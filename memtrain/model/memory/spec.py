@@ -53,6 +53,10 @@ def _no_keys(cfg: ModelConfig, layer: int, seq_len: int) -> int | None:
     return None
 
 
+def _plain_rows(cfg: ModelConfig, tokens: int) -> list[tuple[int, str]]:
+    return [(cfg.num_meta_tokens + tokens, "model.num_meta_tokens + the tokens per context-parallel rank")]
+
+
 def plain_regions(cfg: ModelConfig, n: int) -> dict[str, tuple[int, int]]:
     """Position regions of one pass of n positions through the blocks: [meta (P); text]."""
     P = cfg.num_meta_tokens
@@ -128,6 +132,10 @@ class MemorySpec:
 
     cp_min_slice: Callable[[ModelConfig], tuple[int, str] | None] = _none
     """(n, why) when every context-parallel slice needs at least n tokens (a convolution's halo)."""
+
+    sequence_rows: Callable[[ModelConfig, int], list[tuple[int, str]]] = _plain_rows
+    """(cfg, text tokens a rank holds) -> [(rows, what they are)]: the lengths of the `[B, rows, D]` sequences its
+    blocks run (meta tokens included); under sequence parallelism each must split evenly over the TP ranks."""
 
     check_run: Callable[[ModelConfig, Any, int], None] = _no_rules
     """(model cfg, parallel section, training seq_len) -> raises ModelConfigError for kind-specific rules of a run

@@ -58,6 +58,10 @@ class PipelineEngine:
                                    zero_stage=self.zero_stage, grad_clip=0.0 if self.own_clip else self.grad_clip,
                                    bf16=bf16)
         self.json["pipeline"] = {"activation_checkpoint_interval": activation_checkpoint_interval}
+        if model.factory.region.active:
+            # DeepSpeed splits a stage's output over the TP ranks for the send and all-gathers it on arrival, which
+            # assumes TP ranks hold the same tensor; under sequence parallelism each holds its own rows: send whole
+            self.json["pipeline"].update(pipe_partitioned=False, grad_partitioned=False)
         if layout.rank == 0 and run_dir is not None:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "deepspeed.json").write_text(json.dumps(self.json, indent=2))

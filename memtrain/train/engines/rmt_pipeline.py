@@ -182,7 +182,8 @@ class RMTPipelineEngine:
                     memory = self._recv((B, M, D), self.last_rank, MEMORY).requires_grad_(carries)
                 h = model.segment_input(x[:, lo:hi], memory, write=write)
             else:
-                h = h_in = self._recv((B, P + M + l + w, D), self.prev_rank, HIDDEN).requires_grad_(train)
+                rows = model.factory.region.local_rows(P + M + l + w)  # sequence parallel: this rank's rows
+                h = h_in = self._recv((B, rows, D), self.prev_rank, HIDDEN).requires_grad_(train)
             h = self._blocks(h, l, w, s)
             if not self.last:
                 self._send(h, self.next_rank, HIDDEN)

@@ -33,14 +33,15 @@ class Layout:
     cp: int
     zero_stage: int
     checkpoint: str
+    sequence_parallel: bool = False
 
     @property
     def dp(self) -> int:
         return self.world // (self.tp * self.pp * self.cp)
 
     def __str__(self) -> str:
-        return (f"tp {self.tp} × pp {self.pp} × cp {self.cp} × dp {self.dp}, ZeRO {self.zero_stage}, "
-                f"activation checkpoint {self.checkpoint}")
+        return (f"tp {self.tp}{' (sequence parallel)' if self.sequence_parallel else ''} × pp {self.pp} × "
+                f"cp {self.cp} × dp {self.dp}, ZeRO {self.zero_stage}, activation checkpoint {self.checkpoint}")
 
 
 @dataclass
@@ -126,7 +127,8 @@ def check(cfg: Config, layout: Layout) -> None:
     if layout.zero_stage and cfg.parallel.engine == "torch":
         raise ConfigError(f"parallel.zero_stage={layout.zero_stage} needs parallel.engine='deepspeed' (or 'auto')")
     parallel = dataclasses.replace(cfg.parallel, tp=layout.tp, pp=layout.pp, cp=layout.cp,
-                                   zero_stage=layout.zero_stage, activation_checkpoint=layout.checkpoint)
+                                   zero_stage=layout.zero_stage, activation_checkpoint=layout.checkpoint,
+                                   sequence_parallel=layout.sequence_parallel)
     try:
         check_layout(cfg.model, parallel, cfg.data.seq_len)
     except LayoutError as e:
@@ -137,7 +139,7 @@ def plan_layout(cfg: Config, world: int, layout: Layout | None = None,
                 params: list[Param] | None = None) -> Plan:
     """The memory plan of `layout` (default: the config's [parallel] section) on `world` ranks."""
     p = cfg.parallel
-    layout = layout or Layout(world, p.tp, p.pp, p.cp, p.zero_stage, p.activation_checkpoint)
+    layout = layout or Layout(world, p.tp, p.pp, p.cp, p.zero_stage, p.activation_checkpoint, p.sequence_parallel)
     check(cfg, layout)
     params = params if params is not None else model_params(cfg.model)
     device, precision = resolve_precision(cfg)
@@ -215,7 +217,7 @@ def _activations(cfg: Config, layout: Layout, stage: int, precision: str) -> dic
     activations in the backward under checkpointing, and the memory state (Titans weights, RMT tokens)."""
     m = cfg.model
     blocks, first, last = stage_layers(m, layout.pp, stage)
-    s = act.shapes(m, cfg.data.batch_size, cfg.data.seq_len, layout.tp, layout.cp)
+    s = act.shapes(m, cfg.data.batch_size, cfg.data.seq_len, layout.tp, layout.cp, layout.sequence_parallel)
     a_bytes = 2.0 if precision in ("bf16", "fp16") else 4.0
     mode, interval = layout.checkpoint, cfg.parallel.activation_checkpoint_interval
     if layout.pp > 1 and interval:  # the pipeline engines recompute groups of `interval` blocks
@@ -251,7 +253,7 @@ def candidate_layouts(cfg: Config, world: int) -> list[Layout]:
         for pp in (d for d in range(1, m.n_layers + 1) if world % (tp * d * cp) == 0):
             for zero in range(4):
                 for mode in ("none", "selective", "full"):
-                    layout = Layout(world, tp, pp, cp, zero, mode)
+                    layout = Layout(world, tp, pp, cp, zero, mode, tp > 1 and cfg.parallel.sequence_parallel)
                     try:
                         check(dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, dp=0)), layout)
                     except ConfigError:

@@ -45,10 +45,12 @@ class _PlanFactory(LayerFactory):
             setattr(layer.bias, SPLIT, 0)
         return layer
 
-    def column(self, in_features: int, out_features: int, *, std: float, bias: bool = False) -> nn.Module:
+    def column(self, in_features: int, out_features: int, *, std: float, bias: bool = False,
+               sequence_parallel: bool = False) -> nn.Module:
         return self._linear(in_features, out_features, bias, 0, True)
 
-    def row(self, in_features: int, out_features: int, *, std: float, bias: bool = False) -> nn.Module:
+    def row(self, in_features: int, out_features: int, *, std: float, bias: bool = False,
+            sequence_parallel: bool = False) -> nn.Module:
         return self._linear(in_features, out_features, bias, 1, False)
 
     def embedding(self, vocab: int, dim: int, *, std: float) -> nn.Module:

@@ -11,6 +11,16 @@ from ..spec import MemorySpec
 from .config import RMTConfig, tokens_for_step
 
 
+def _sequence_rows(cfg, tokens: int) -> list[tuple[int, str]]:
+    """A full segment runs meta, read memory, L text and write memory rows; a partial last one has no write rows."""
+    P, M, L = cfg.num_meta_tokens, cfg.rmt.num_memory, cfg.rmt.segment_len
+    rows = [(P + 2 * M + L, "model.num_meta_tokens + 2 * model.rmt.num_memory + model.rmt.segment_len")]
+    if tokens % L:
+        rows.append((P + M + tokens % L, "the rows of the partial last segment (data.seq_len is not a multiple of "
+                                         "model.rmt.segment_len)"))
+    return rows
+
+
 def _check_run(cfg, parallel: Any, seq_len: int) -> None:
     """Rules of the RMT on a run: a training sequence holds at least one segment (else no memory is written);
     memory replay recomputes segments in one process with its own backward; the RMT pipeline schedule passes
@@ -83,6 +93,7 @@ SPEC = MemorySpec(
     pipeline="own",
     pipeline_engine="memtrain.train.engines.rmt_pipeline:RMTPipelineEngine",
     cp_sequential=lambda cfg: True,
+    sequence_rows=_sequence_rows,
     check_run=_check_run,
     top_shapes=_top_shapes,
     regions=_regions,

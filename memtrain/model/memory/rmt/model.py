@@ -170,7 +170,8 @@ class RMTDecoderLM(DecoderLM):
         parts = [memory + self.read_slots.to(x.dtype), x]
         if write:
             parts.append(memory + self.write_slots.to(x.dtype))
-        return prepend(self.embed.meta, torch.cat(parts, dim=1))  # [B, N, D]
+        # [B, N, D]; under sequence parallelism this rank's rows [B, N / tp, D] (memtrain/model/factory.py)
+        return self.factory.region.scatter(prepend(self.embed.meta, torch.cat(parts, dim=1)))
 
     def segment_blocks(self, h: torch.Tensor, blocks: range, num_text: int, num_write: int,
                        segment_index: int) -> torch.Tensor:
@@ -184,11 +185,12 @@ class RMTDecoderLM(DecoderLM):
 
     def segment_output(self, h: torch.Tensor, num_text: int, *, write: bool
                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Final rows h `[B, N, D]` -> (logits `[B, l, V_local]` of the text rows, next memory `[B, M, D]`: the
+        """Final rows h `[B, N, D]` (this rank's rows under sequence parallelism) -> (logits `[B, l, V_local]` of the text rows, next memory `[B, M, D]`: the
         normalised write rows with `write`, else None)."""
         start = self.cfg.num_meta_tokens + self.cfg.rmt.num_memory
-        logits = self.head(h[:, start:start + num_text])
-        new_memory = self.memory_norm(h[:, start + num_text:]) if write else None
+        logits = self.head(h, start, start + num_text)
+        # the write rows, whole on every TP rank (sequence parallelism: gathered from the ranks' rows)
+        new_memory = self.memory_norm(self.factory.region.gather(h)[:, start + num_text:]) if write else None
         return logits, new_memory
 
     # ---- state -------------------------------------------------------------------------------------

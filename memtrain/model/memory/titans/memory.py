@@ -70,9 +70,12 @@ class TitansMemory(nn.Module):
     Parameters (this rank's heads Hl = H / tp): `query` column D -> H·Dh, `kv` column D -> 2·H·Dh, `gates` column
     D -> 3·H (with bias), `conv_q` `[Hl·Dh, K]` and `conv_kv` `[2·Hl·Dh, K]`, `init_weights[l]` `[Hl, out_l, in_l]`
     (M_0), `out` row H·Dh -> D. The query has its own projection so MAC retrieval computes only queries.
+
+    `sequence_parallel`: the caller runs it as a sequence-parallel region (x through `region.enter`, out through
+    `region.exit`: memtrain/model/factory.py); False for MAC, whose segment loop needs the whole output.
     """
 
-    def __init__(self, cfg: ModelConfig, factory: LayerFactory):
+    def __init__(self, cfg: ModelConfig, factory: LayerFactory, *, sequence_parallel: bool = True):
         super().__init__()
         t = cfg.titans
         tp, rank = factory.tp_size, factory.tp_rank
@@ -85,9 +88,10 @@ class TitansMemory(nn.Module):
         self.conv_size = t.conv_size
         self.sequence = factory.sequence  # single device, or context parallel (memtrain/launch/context_parallel.py)
         # Head-major layouts ([head, Dh], [head, (k|v), Dh], [head, (θ|η|α)]): a contiguous TP slice = whole heads.
-        self.query = factory.column(cfg.d_model, H * Dh, std=cfg.init_std)
-        self.kv = factory.column(cfg.d_model, H * 2 * Dh, std=cfg.init_std)
-        self.gates = factory.column(cfg.d_model, H * 3, std=cfg.init_std, bias=True)
+        sp = sequence_parallel
+        self.query = factory.column(cfg.d_model, H * Dh, std=cfg.init_std, sequence_parallel=sp)
+        self.kv = factory.column(cfg.d_model, H * 2 * Dh, std=cfg.init_std, sequence_parallel=sp)
+        self.gates = factory.column(cfg.d_model, H * 3, std=cfg.init_std, bias=True, sequence_parallel=sp)
         with torch.no_grad():  # sigmoid(bias) = the configured initial gates (zero bias would forget half per token)
             bias = torch.tensor([_logit(t.theta_init), _logit(t.eta_init), _logit(t.alpha_init)])
             self.gates.bias.copy_(bias.repeat(self.heads).to(self.gates.bias))
@@ -100,7 +104,8 @@ class TitansMemory(nn.Module):
         init = init_deep_memory(H, Dh, Dh, depth=t.memory_depth, expansion=t.memory_expansion)
         self.init_weights = nn.ParameterList(
             _mark_split(nn.Parameter(w.chunk(tp, dim=0)[rank].clone())) for w in init)
-        self.out = factory.row(H * Dh, cfg.d_model, std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
+        self.out = factory.row(H * Dh, cfg.d_model, std=cfg.init_std / math.sqrt(2 * cfg.n_layers),
+                               sequence_parallel=sp)
 
     # ---- pieces ----------------------------------------------------------------------------------------
 

@@ -140,17 +140,29 @@ class TitansBlock(nn.Module):
         self.segment_len = cfg.titans.segment_len
         self.rope_theta = cfg.rope_theta
         self.backend = cfg.attention_backend
+        # Sequence parallelism (memtrain/model/factory.py, `RegionOps`): h holds this rank's rows; attention, memory
+        # and MLP are regions over the whole sequence, except MAC's segment loop, whose memory update needs the
+        # whole attention output: MAC gathers its normalised input and runs attention and memory replicated.
+        region, sp = factory.region, self.kind != "mac"
+        self.region = region
         if self.kind != "mag":  # MAG feeds the memory the attention branch's normalised input
-            self.mem_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+            self.mem_norm = RMSNorm(cfg.d_model, cfg.norm_eps, region if sp else None)  # MAC: of y, replicated
         if self.kind != "lmm":
-            self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-            self.attn = Attention(cfg, factory, layer)
-        self.memory = TitansMemory(cfg, factory)
+            self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, region)
+            self.attn = Attention(cfg, factory, layer, sequence_parallel=sp)
+        self.memory = TitansMemory(cfg, factory, sequence_parallel=sp)
         if self.kind == "mag":
-            self.gate_norm_y = RMSNorm(cfg.d_model, cfg.norm_eps)
-            self.gate_norm_m = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+            self.gate_norm_y = RMSNorm(cfg.d_model, cfg.norm_eps, region)
+            self.gate_norm_m = RMSNorm(cfg.d_model, cfg.norm_eps, region)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, region)
         self.mlp = SwiGLU(cfg, factory)
+
+    @property
+    def attention_layout(self) -> str | None:
+        """How this block attends (for tools that read its attention, e.g. memtrain inspect): "segments" (MAC: per
+        segment over [persistent ‖ retrieved ‖ segment] through `_masked`), "window" (MAG/MAL: prefix + window
+        through `attn.sequence.attention`), None (LMM: no attention)."""
+        return {"mac": "segments", "lmm": None}.get(self.kind, "window")
 
     @property
     def meta_memory_call(self) -> bool:
@@ -164,22 +176,23 @@ class TitansBlock(nn.Module):
     def step(self, h: torch.Tensor, state: TitansLayerState | None, seen: int):
         kv = state.kv if state is not None else None
         mem = state.memory if state is not None else None
+        region = self.region  # sequence parallelism: enter / exit the whole-sequence regions (else identities)
         if self.kind == "mac":
             h, state = self._mac(h, state, seen)
         elif self.kind == "mag":
-            a = self.attn_norm(h)
+            a = region.enter(self.attn_norm(h))
             y, kv = self._window_attention(a, kv, seen)
             m, mem = self._memory_stream(a, mem)
-            h = h + self.gate_norm_y(y) * torch.sigmoid(self.gate_norm_m(m))
+            h = h + self.gate_norm_y(region.exit(y)) * torch.sigmoid(self.gate_norm_m(region.exit(m)))
             state = TitansLayerState(mem, kv)
         else:  # mal, lmm: the memory as a layer
-            m, mem = self._memory_stream(self.mem_norm(h), mem)
-            h = h + m
+            m, mem = self._memory_stream(region.enter(self.mem_norm(h)), mem)
+            h = h + region.exit(m)
             if self.kind == "mal":
-                y, kv = self._window_attention(self.attn_norm(h), kv, seen)
-                h = h + y
+                y, kv = self._window_attention(region.enter(self.attn_norm(h)), kv, seen)
+                h = h + region.exit(y)
             state = TitansLayerState(mem, kv)
-        return h + self.mlp(self.mlp_norm(h)), state
+        return h + region.exit(self.mlp(region.enter(self.mlp_norm(h)))), state
 
     # ---- memory over [p ‖ x] ------------------------------------------------------------------------
 
@@ -263,10 +276,11 @@ class TitansBlock(nn.Module):
         output projection and the gate y ⊙ σ(m) over all segments."""
         attn, mem_layer, P, L = self.attn, self.memory, self.num_prefix, self.segment_len
         seq = attn.sequence  # context parallel: this rank's slice is whole segments (checked by the model)
-        B, N, _ = h.shape
+        region = self.region
+        a = region.gather(self.attn_norm(h))  # sequence parallel: whole and replicated from here to the end
+        B, N, _ = a.shape
         n = N - P
         seen = seen + seq.text_offset(n)
-        a = self.attn_norm(h)
         out_p = None
         kp = vp = a.new_zeros(B, attn.local_kv_heads, 0, attn.head_dim)
         if P:  # meta positions: attention over the prefix only, no rotary, no memory
@@ -313,11 +327,12 @@ class TitansBlock(nn.Module):
         if r == 0:
             xkv = hkv = seg_mem = None
         m = mem_layer.output(torch.cat(reads, dim=2))  # [B, n, D]: one projection for all segments
-        text = h[:, P:] + torch.cat(ys, dim=1) * torch.sigmoid(m)
-        if seq.size > 1:  # to rank r + 1; its gradient comes back through `text`'s backward
-            text = seq.handoff_out(text, (mem.memory, mem.conv))
-        h = text if out_p is None else torch.cat([h[:, :P] + out_p, text], dim=1)
-        return h, TitansLayerState(mem, xkv, hkv, seg_mem)
+        update = torch.cat(ys, dim=1) * torch.sigmoid(m)  # [B, n, D]
+        if seq.size > 1:  # to rank r + 1; its gradient comes back through `update`'s backward
+            update = seq.handoff_out(update, (mem.memory, mem.conv))
+        if out_p is not None:
+            update = torch.cat([out_p, update], dim=1)  # [B, P + n, D]
+        return h + region.scatter(update), TitansLayerState(mem, xkv, hkv, seg_mem)
 
 
 class TitansDecoderLM(DecoderLM):

@@ -42,7 +42,7 @@ def layer_elements(cfg: ModelConfig, s: Shapes, mode: str = "none") -> tuple[flo
     """(activation-dtype elements, fp32 elements) one Titans block keeps for one sequence (B = 1) under `mode`."""
     kind = cfg.memory
     if mode == "full":
-        return s.N * s.D, 0.0
+        return s.N * s.D / s.sp, 0.0
     if kind == "mac":
         mem = _memory(cfg, s, s.T)
     else:  # the memory runs over the meta positions (from M_0) and the text as two streams
