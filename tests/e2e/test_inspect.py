@@ -100,3 +100,34 @@ def test_bad_inputs_give_one_line_and_exit_2(trained, text_file, tmp_path, capsy
     proc = inspect("registers", "--checkpoint", str(tmp_path / "nope"), "--text", str(text_file), "--out",
                    str(tmp_path / "o"))
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def trained_mac(tiny_dataset, tmp_path_factory) -> Path:
+    """A tiny Titans MAC checkpoint (2 steps: the inspector needs a checkpoint, not a trained model)."""
+    run = tmp_path_factory.mktemp("inspect_mac") / "run"
+    mac = ["--set", "model.memory=\"mac\"", "--set", "model.titans.segment_len=16", "--set",
+           "model.titans.chunk_size=8", "--set", "model.titans.memory_heads=2", "--set", "schedule.steps=2"]
+    proc = subprocess.run([sys.executable, "-m", "memtrain.train", "--config", "configs/demo.toml", *TINY, *mac,
+                           "--set", f"data.path=\"{tiny_dataset}\"", "--run-dir", str(run)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return run
+
+
+def test_attention_maps_of_a_titans_mac_checkpoint(trained_mac, text_file, tmp_path):
+    out = tmp_path / "mac"
+    proc = inspect("attention", "--checkpoint", str(trained_mac), "--text", str(text_file), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "not available" not in proc.stdout
+    for name in ("attention_layer0.png", "attention_layer1.png", "attention.json", "attention.md", "gates.png"):
+        assert (out / name).stat().st_size > 0, name
+    att = json.loads((out / "attention.json").read_text())
+    P, n = 4, 32
+    assert att["regions"] == {"meta": [0, P], "text": [P, P + n]}
+    assert att["key_regions"] == {"persistent": [0, P], "retrieved": [P, P + n], "segment": [P + n, P + 2 * n]}
+    assert len(att["shares"]) == 2 * (4 + 1)  # 2 blocks × (4 heads + the mean)
+    for row in att["shares"]:
+        assert row["persistent"] + row["retrieved"] + row["segment"] == pytest.approx(1.0, abs=1e-9)
+    md = (out / "attention.md").read_text()
+    assert "| layer | head | persistent | retrieved | segment |" in md and "## Memory gates" in md

@@ -11,6 +11,7 @@ from memtrain.kernels.attention.reference import build_mask, repeat_kv
 from memtrain.model.config import ModelConfig
 from memtrain.model.layers import apply_rotary, rotary_tables
 from memtrain.model.memory.rmt.config import RMTConfig
+from memtrain.model.memory.titans.config import TitansConfig
 from memtrain.model.transformer import build_model
 from memtrain.train.inspect import attention_maps, registers
 from memtrain.train.inspect.capture import Pass, Trace, probe_probs, run_captured
@@ -158,21 +159,120 @@ def test_quadrant_shares_sum_to_one(make):
         assert rows[0].read == pytest.approx(float(p[3:, :3].sum()) / p.shape[0])
 
 
-def test_titans_models_are_refused_by_capture_and_give_gates():
-    model = build_model(ModelConfig(vocab_size=300, d_model=32, n_layers=2, n_heads=4, num_meta_tokens=2,
-                                    memory="mag", window=8, max_seq_len=64)).eval()
+def titans(kind: str, num_meta: int = 3) -> torch.nn.Module:
+    """A tiny fp64 Titans model with random weights: segments of 7 (MAC), window 5 in layer 0, global layer 1."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=300, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=48,
+                      num_meta_tokens=num_meta, window=5, global_layers=[-1], memory=kind, max_seq_len=64,
+                      titans=TitansConfig(segment_len=7, chunk_size=4, memory_heads=2, conv_size=3))
+    return build_model(cfg).double().eval()
+
+
+def titans_wrapped_names(model) -> dict:
+    """What the Titans capture wraps, as it stands now (to check that it is restored)."""
+    import memtrain.model.memory.titans.model as tm
+    return {"_masked": tm._masked, "attention": tm.attention,
+            **{f"step{i}": b.__dict__.get("step") for i, b in enumerate(model.blocks)},
+            **{f"sequence{i}": b.attn.sequence for i, b in enumerate(model.blocks)}}
+
+
+@pytest.mark.parametrize("kind", ["mac", "mag", "mal"])
+def test_titans_capture_reproduces_the_attention_and_leaves_the_model_alone(kind):
+    from memtrain.train.inspect.capture import capture
+    from memtrain.train.inspect.titans_capture import capture_titans
+    model, ids = titans(kind), torch.randint(0, 300, (2, 23))  # MAC: segments 7 + 7 + 7 + 2
+    before = titans_wrapped_names(model)
+    with torch.no_grad():
+        ref = model(ids).logits
+        with capture_titans(model, keep_io=True) as trace:
+            got = model(ids).logits
+        with capture(model) as via_capture:  # capture.py hands Titans models to the Titans capture
+            model(ids)
+    assert torch.equal(ref, got)  # bit for bit: the wrappers return the kernels' own outputs
+    assert titans_wrapped_names(model) == before and all(v is None for k, v in before.items() if "step" in k)
+    assert len(trace.passes) == 1 and len(via_capture.passes) == 1
+    p = trace.passes[0]
+    P, n = 3, 23
+    assert len(p.hidden) == 3 and len(p.probs) == 2 and p.regions == {"meta": (0, P), "text": (P, P + n)}
+    assert torch.equal(p.hidden[0], model.embed(ids).float())
+    for layer, (probs, (v, out)) in enumerate(zip(p.probs, trace.io[0])):
+        assert probs.dtype == torch.float64 and torch.equal(probs, via_capture.passes[0].probs[layer])
+        # the probabilities reproduce what the kernel returned (values laid out as the map; fp64)
+        assert float((probs @ repeat_kv(v, 2) - out).abs().max()) < 1e-10
+        assert float((probs.sum(-1) - 1).abs().max()) < 1e-12
+        if kind == "mac":
+            assert probs.shape == (2, 4, P + n, P + 2 * n)
+            assert p.key_regions == {"persistent": (0, P), "retrieved": (P, P + n), "segment": (P + n, P + 2 * n)}
+            visible = torch.zeros(P + n, P + 2 * n, dtype=torch.bool)
+            visible[:, :P] = True  # persistent keys: every query
+            for i in range(n):  # text query i: h_j and x_j of its own segment, j <= i
+                s0 = i - i % 7
+                visible[P + i, P + s0:P + i + 1] = visible[P + i, P + n + s0:P + n + i + 1] = True
+        else:
+            assert not p.key_regions and probs.shape == (2, 4, P + n, P + n)
+            visible = build_mask(P + n, P, 5 if layer == 0 else None)  # prefix + window 5; layer 1 global
+        assert float(probs[..., ~visible].abs().max()) == 0.0  # no mass on a later or other segment's key
+        assert bool((probs[..., visible] > 0).all())  # and every visible key gets some: the mask is exactly that
+    if kind == "mac":  # the key axis is where it says: block 0's own values (no rotary) at persistent and segment
+        from memtrain.model.memory.titans.model import _qkv
+        block, v = model.blocks[0], trace.io[0][0][0]
+        with torch.no_grad():
+            direct = _qkv(block.attn, block.attn_norm(model.embed(ids)), None, None)[2]  # [B, Hkv, P + n, Dh]
+        assert torch.allclose(v[:, :, :P], direct[:, :, :P], atol=1e-12)
+        assert torch.allclose(v[:, :, P + n:], direct[:, :, P:], atol=1e-12)
+
+
+def test_titans_mac_key_shares_and_mag_quadrants_sum_to_one():
+    mac = run_captured(titans("mac"), torch.randint(0, 300, (1, 16)))
+    rows = attention_maps.key_shares(mac)
+    assert len(rows) == 2 * (4 + 1)
+    for r in rows:
+        assert set(r.shares) == {"persistent", "retrieved", "segment"}
+        assert sum(r.shares.values()) == pytest.approx(1.0, abs=1e-12)
+    probs = mac.passes[0].probs[1][0, 2]  # direct: layer 1, head 2, retrieved share of the text queries
+    assert rows[5 + 2].shares["retrieved"] == pytest.approx(float(probs[3:, 3:19].sum()) / 16)
+    with pytest.raises(ValueError, match="key_shares"):
+        attention_maps.quadrants(mac)
+    mag = run_captured(titans("mag"), torch.randint(0, 300, (1, 16)))
+    for r in attention_maps.quadrants(mag):
+        assert r.processing + r.write + r.read + r.text_text == pytest.approx(1.0, abs=1e-9)
+        assert r.write == 0.0  # meta tokens see only the prefix
+
+
+def test_titans_mac_without_meta_tokens():
+    trace = run_captured(titans("mac", num_meta=0), torch.randint(0, 300, (1, 9)))
+    probs = trace.passes[0].probs[0]
+    assert probs.shape == (1, 4, 9, 18) and trace.passes[0].key_regions["persistent"] == (0, 0)
+    assert float((probs.sum(-1) - 1).abs().max()) < 1e-12
+
+
+def test_titans_capture_refuses_continued_calls_and_restores_after_the_error():
+    from memtrain.train.inspect.titans_capture import capture_titans
+    model, ids = titans("mac"), torch.randint(0, 300, (1, 10))
+    before = titans_wrapped_names(model)
+    with torch.no_grad():
+        state = model(ids[:, :4]).state
+        with pytest.raises(InspectError, match="fresh calls only"), capture_titans(model):
+            model(ids[:, 4:], state=state)
+    assert titans_wrapped_names(model) == before
+
+
+def test_titans_lmm_has_no_attention_but_gates():
+    model = titans("lmm")
     ids = torch.randint(0, 300, (1, 12))
-    with pytest.raises(InspectError, match="not available"):
+    with pytest.raises(InspectError, match="no attention"):
         run_captured(model, ids)
+    assert len(run_captured(model, ids, probs=False).passes[0].hidden) == 3  # hidden states still work
     from memtrain.train.inspect.gates import titans_gates
-    gates = titans_gates(model, ids)
+    gates = titans_gates(titans("mag"), ids)
     assert set(gates) == {"theta", "eta", "alpha"}
     for g in gates.values():
         assert g.shape[0] == 2 and g.shape[1] == 1 and g.shape[-1] == 12
         assert bool(((g >= 0) & (g <= 1)).all())
     # direct: block 0's θ of the text from its memory's gate layer (MAG feeds it attn_norm(h))
+    model = titans("mag")
     block = model.blocks[0]
     with torch.no_grad():
-        a = block.attn_norm(model.embed(ids))[:, 2:]
+        a = block.attn_norm(model.embed(ids))[:, 3:]
         direct = torch.sigmoid(block.memory.gates(a)).view(1, 12, block.memory.heads, 3)[..., 0]
-    assert torch.allclose(gates["theta"][0, 0], direct.transpose(1, 2)[0], atol=1e-6)
+    assert torch.allclose(gates["theta"][0, 0], direct.transpose(1, 2)[0].to(gates["theta"].dtype), atol=1e-6)

@@ -70,6 +70,10 @@ def run_registers(args: argparse.Namespace) -> Path:
     if args.k <= 0:
         raise InspectError(f"--k must be positive, got {args.k}")
     loaded, ids, out = _prepare(args, args.max_windows)
+    kind = loaded.cfg.model.memory
+    if "registers" not in memory_spec(kind).inspect:  # e.g. Titans: the capture covers their maps, not registers
+        raise InspectError(f"registers is not available for model.memory={kind!r} yet (the attention "
+                           f"subcommand is)")
     trace = run_captured(loaded.model, ids)
     rep = registers.analyse(trace, ids, lambda t: loaded.tokenizer.decode([t]), k=args.k)
     title = f"Registers: {loaded.ckpt} (step {loaded.step})"
@@ -81,6 +85,24 @@ def run_registers(args: argparse.Namespace) -> Path:
     return out / "registers.md"
 
 
+def _gates_section(model, ids, out: Path, kind: str) -> list[str]:
+    """Titans gates θ, η, α along the text: writes gates.png and gates.json to `out`; returns markdown lines."""
+    from . import plots
+    from .gates import titans_gates
+    gates = titans_gates(model, ids)
+    mean = {name: g[:, 0].mean(1) for name, g in gates.items()}  # [L, T], mean over memory heads
+    plots.plot_gates(mean, out / "gates.png", f"Titans {kind} gates along the text")
+    table = {name: [{"layer": layer, "mean": float(g[layer].mean()), "min": float(g[layer].min()),
+                     "max": float(g[layer].max())} for layer in range(g.shape[0])] for name, g in gates.items()}
+    (out / "gates.json").write_text(json.dumps(table, indent=1))
+    lines = ["## Memory gates", "", "Mean over heads and text:", "",
+             "| layer | θ (step) | η (momentum) | α (forget) |", "|---|---|---|---|"]
+    for layer in range(len(table["theta"])):
+        lines.append(f"| {layer} | " + " | ".join(f"{table[n][layer]['mean']:.3f}" for n in ("theta", "eta", "alpha"))
+                     + " |")
+    return lines + ["", "![gates](gates.png)"]
+
+
 def run_attention(args: argparse.Namespace) -> Path:
     """The `attention` subcommand; returns the markdown file written."""
     from . import attention_maps, plots
@@ -89,40 +111,46 @@ def run_attention(args: argparse.Namespace) -> Path:
     lines = [f"# Attention: {loaded.ckpt} (step {loaded.step})", "",
              f"Text: {args.text}, {ids.shape[1]} tokens; model.memory = {kind!r}, "
              f"{loaded.cfg.model.num_meta_tokens} meta tokens.", ""]
-    if "attention" not in memory_spec(kind).inspect and "gates" in memory_spec(kind).inspect:
-        from .gates import titans_gates
-        print(f"attention maps: not available for Titans models (model.memory={kind!r}) yet; writing gates only")
-        gates = titans_gates(model, ids)
-        mean = {name: g[:, 0].mean(1) for name, g in gates.items()}  # [L, T], mean over memory heads
-        plots.plot_gates(mean, out / "gates.png", f"Titans {kind} gates along the text")
-        table = {name: [{"layer": layer, "mean": float(g[layer].mean()), "min": float(g[layer].min()),
-                         "max": float(g[layer].max())} for layer in range(g.shape[0])] for name, g in gates.items()}
-        (out / "gates.json").write_text(json.dumps(table, indent=1))
-        lines += ["Attention maps are not available for Titans models yet. Gates (mean over heads and text):", "",
-                  "| layer | θ (step) | η (momentum) | α (forget) |", "|---|---|---|---|"]
-        for layer in range(len(table["theta"])):
-            lines.append(f"| {layer} | " + " | ".join(f"{table[n][layer]['mean']:.3f}"
-                                                    for n in ("theta", "eta", "alpha")) + " |")
-        lines += ["", "![gates](gates.png)"]
-        (out / "attention.md").write_text("\n".join(lines) + "\n")
-        return out / "attention.md"
+    gates = "gates" in memory_spec(kind).inspect  # Titans-style memories: their gates go with the maps
+    if gates:
+        from .titans_capture import no_attention_reason
+        reason = no_attention_reason(model)
+        if reason:  # LMM: the memory alone, nothing to draw but the gates
+            print(f"attention maps: {reason}; writing gates only")
+            lines += [f"No attention maps: {reason}.", "", *_gates_section(model, ids, out, kind)]
+            (out / "attention.md").write_text("\n".join(lines) + "\n")
+            return out / "attention.md"
     from .capture import run_captured
     trace = run_captured(model, ids)
-    rows = attention_maps.quadrants(trace)
     if not -len(trace.passes) <= args.segment < len(trace.passes):
         raise InspectError(f"--segment {args.segment} is out of range: the text ran in {len(trace.passes)} pass(es)")
     shown = trace.passes[args.segment]
-    memory = " + ".join(name for name in shown.regions if name != "text")  # e.g. meta + read + write
-    note = (f"Memory = {memory}. {len(trace.passes)} pass(es) (RMT: one per segment); maps show pass "
-            f"{args.segment % len(trace.passes)} with regions {shown.regions}.")
+    info = {"checkpoint": str(loaded.ckpt), "regions": shown.regions, "passes": len(trace.passes)}
+    if shown.key_regions:  # Titans MAC: keys [persistent ‖ retrieved ‖ segment], see titans_capture.py
+        rows = attention_maps.key_shares(trace)
+        note = (f"Titans MAC: per segment, text queries attend to [persistent ‖ retrieved ‖ segment]; maps show "
+                f"queries {shown.regions} against keys {shown.key_regions} (retrieved column j is token j's memory "
+                f"read h_j, segment column j is token j).")
+        info.update(key_regions=shown.key_regions, shares=attention_maps.key_shares_json(rows))
+        text = attention_maps.key_shares_markdown(rows, lines[0][2:], "\n".join(lines[2:]) + note)
+    else:
+        rows = attention_maps.quadrants(trace)
+        memory = " + ".join(name for name in shown.regions if name != "text")  # e.g. meta + read + write
+        note = (f"Memory = {memory}. {len(trace.passes)} pass(es) (RMT: one per segment); maps show pass "
+                f"{args.segment % len(trace.passes)} with regions {shown.regions}.")
+        if gates:
+            note += f" Titans {kind.upper()}: attention over the meta-token prefix + a sliding window of text."
+        info.update(quadrants=attention_maps.to_json(rows))
+        text = attention_maps.markdown(rows, lines[0][2:], "\n".join(lines[2:]) + note)
     for layer, probs in enumerate(shown.probs):
+        keys = f", keys {shown.key_regions}" if shown.key_regions else ""
         plots.plot_attention_layer(probs[0], shown.regions, layer, out / f"attention_layer{layer}.png",
-                                   f"block {layer}: attention probabilities, regions {shown.regions}")
-    (out / "attention.json").write_text(json.dumps({"checkpoint": str(loaded.ckpt), "regions": shown.regions,
-                                                     "passes": len(trace.passes),
-                                                     "quadrants": attention_maps.to_json(rows)}, indent=1))
-    text = attention_maps.markdown(rows, lines[0][2:], "\n".join(lines[2:]) + note)
+                                   f"block {layer}: attention probabilities, regions {shown.regions}{keys}",
+                                   key_regions=shown.key_regions or None)
+    (out / "attention.json").write_text(json.dumps(info, indent=1))
     text += "\n" + "\n".join(f"![block {i}](attention_layer{i}.png)" for i in range(len(shown.probs))) + "\n"
+    if gates:
+        text += "\n" + "\n".join(_gates_section(model, ids, out, kind)) + "\n"
     (out / "attention.md").write_text(text)
     return out / "attention.md"
 

@@ -12,6 +12,11 @@ queries), and also per query group (`read_of_text` = text queries' mass on memor
 _of_memory` = memory queries' mass on text / number of memory queries). With the reference mask, meta tokens (and
 RMT read memory) cannot see text, so the plain model's "write" quadrant is 0 by construction; only RMT write
 tokens can write. For the RMT the shares are averaged over segment passes (each pass weighs the same).
+
+Titans MAG / MAL maps have the plain layout (memory = meta tokens) and get the same quadrants. Titans MAC maps have
+their own key axis, [persistent ‖ retrieved ‖ segment] (`Pass.key_regions`, titans_capture.py): `key_shares`
+reports how text queries split their mass over those three (the shares sum to 1); meta queries see the persistent
+keys only, so theirs is 1 on persistent by construction.
 """
 from __future__ import annotations
 
@@ -62,6 +67,8 @@ def pass_quadrants(probs: torch.Tensor, regions: dict) -> torch.Tensor:
 def quadrants(trace: Trace) -> list[Quadrants]:
     """Per block: one `Quadrants` per head, then the mean over heads (head=None)."""
     passes: list[Pass] = trace.passes
+    if any(p.key_regions for p in passes):
+        raise ValueError("these maps have their own key axis (Titans MAC): use key_shares, not quadrants")
     L, H = len(passes[0].probs), passes[0].probs[0].shape[1]
     result = []
     for layer in range(L):
@@ -94,3 +101,49 @@ def markdown(rows: list[Quadrants], title: str, note: str = "") -> str:
 
 def to_json(rows: list[Quadrants]) -> list[dict]:
     return [asdict(r) for r in rows]
+
+
+@dataclass
+class KeyShares:
+    """Titans MAC: where the text queries of one block (and head) put their attention mass."""
+
+    layer: int
+    head: int | None
+    """None: the mean over heads."""
+    shares: dict[str, float]
+    """Key region (persistent, retrieved, segment) -> share of the text queries' mass (the shares sum to 1)."""
+
+
+def key_shares(trace: Trace) -> list[KeyShares]:
+    """Per block: one `KeyShares` per head, then the mean over heads (head=None). A share is the mass of all text
+    queries on a key region ÷ the number of text queries (batch mean; passes averaged, each weighing the same)."""
+    passes: list[Pass] = trace.passes
+    names = list(passes[0].key_regions)
+    result = []
+    for layer in range(len(passes[0].probs)):
+        per_pass = []
+        for p in passes:
+            text = p.probs[layer][:, :, slice(*p.regions["text"])]  # [B, H, n, Nk]
+            per_pass.append(torch.stack([text[..., slice(*p.key_regions[k])].sum(-1).mean(dim=(0, 2))
+                                         for k in names], dim=-1))  # [H, regions]
+        x = torch.stack(per_pass).mean(0)
+        for head in [*range(x.shape[0]), None]:
+            row = x.mean(0) if head is None else x[head]
+            result.append(KeyShares(layer, head, {k: float(v) for k, v in zip(names, row)}))
+    return result
+
+
+def key_shares_markdown(rows: list[KeyShares], title: str, note: str = "") -> str:
+    names = list(rows[0].shares) if rows else []
+    lines = [f"# {title}", "", note, "",
+             "Text queries' attention mass per key region, as a share of all their mass (each row sums to 1); meta "
+             "queries attend to the persistent keys only.", "",
+             "| layer | head | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for r in rows:
+        head = "mean" if r.head is None else str(r.head)
+        lines.append(f"| {r.layer} | {head} | " + " | ".join(f"{100 * r.shares[k]:.1f}%" for k in names) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def key_shares_json(rows: list[KeyShares]) -> list[dict]:
+    return [{"layer": r.layer, "head": r.head, **r.shares} for r in rows]

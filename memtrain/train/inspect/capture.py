@@ -23,7 +23,9 @@ How. The plain model runs its blocks once per call; the RMT runs them once per s
 Self-check: for every call, `probs @ v` must reproduce the kernel's own output (max abs error <= 1e-4 relative to
 the output scale); otherwise the capture raises rather than report a mask the model did not use.
 
-Titans models run attention through their own code paths, not `Attention.forward`: capture refuses them.
+Titans models (mac / mag / mal) run attention through their own code paths, not `Attention.forward`: `capture`
+hands them to `titans_capture.capture_titans`, which wraps those paths instead (MAC maps have their own key layout,
+`Pass.key_regions`). LMM has no attention: refused.
 """
 from __future__ import annotations
 
@@ -53,11 +55,15 @@ class Pass:
     hidden: list[torch.Tensor] = field(default_factory=list)
     """L + 1 tensors `[B, N, D]` (float32, detached): the stream entering block l, then the stream after block L-1."""
     probs: list[torch.Tensor] = field(default_factory=list)
-    """L tensors `[B, Hq, N, N]` float64: attention probabilities of block l (0 where masked)."""
+    """L tensors `[B, Hq, N, N]` float64: attention probabilities of block l (0 where masked); Titans MAC:
+    `[B, Hq, N, Nk]` with keys laid out as `key_regions`."""
     methods: list[str] = field(default_factory=list)
     """How each block's probabilities were obtained: "reference-mask" or "probe"."""
     regions: Regions = field(default_factory=dict)
     """Named position ranges [start, end) of this pass: meta, (read), text, (write)."""
+    key_regions: Regions = field(default_factory=dict)
+    """Named ranges of the key axis when it differs from the query axis (Titans MAC: persistent, retrieved,
+    segment); empty: keys are the same positions as the queries (`regions`)."""
 
 
 @dataclass
@@ -126,6 +132,12 @@ def capture(model: torch.nn.Module, *, probs: bool = True) -> Iterator[Trace]:
     `probs=False` keeps only hidden states (cheaper: no N × N tensors). The hooks are removed on exit.
     """
     from memtrain.model.layers import Block
+
+    from .titans_capture import capture_titans, is_titans
+    if is_titans(model):  # their own capture (LMM included: hidden states and gates, no attention to draw)
+        with capture_titans(model, probs=probs) as trace:
+            yield trace
+        return
     cfg = getattr(model, "cfg", None)
     if cfg is None or not CAPTURED & memory_spec(cfg.memory).inspect:
         kind = getattr(cfg, "memory", type(model).__name__)

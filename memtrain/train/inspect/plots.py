@@ -14,7 +14,9 @@ import torch  # noqa: E402
 
 from .registers import RegistersReport  # noqa: E402
 
-REGION_COLORS = {"meta": "tab:orange", "read": "tab:green", "write": "tab:purple", "gate": "tab:red"}
+REGION_COLORS = {"meta": "tab:orange", "read": "tab:green", "write": "tab:purple", "gate": "tab:red",
+                 "persistent": "tab:orange", "retrieved": "tab:green"}
+UNMARKED = ("text", "segment")  # the text itself: its regions are not outlined
 
 
 def plot_norms(rep: RegistersReport, path: Path, title: str = "") -> None:
@@ -65,12 +67,15 @@ def plot_shares(rep: RegistersReport, path: Path, title: str = "") -> None:
     plt.close(fig)
 
 
-def plot_attention_layer(probs: torch.Tensor, regions: dict, layer: int, path: Path, title: str = "") -> None:
-    """One block's maps `[H, N, N]` (one panel per head), colour on a log scale, memory regions outlined, masked
+def plot_attention_layer(probs: torch.Tensor, regions: dict, layer: int, path: Path, title: str = "",
+                         key_regions: dict | None = None) -> None:
+    """One block's maps `[H, N, Nk]` (one panel per head), colour on a log scale, memory regions outlined, masked
     keys white.
 
-    Boundaries of each non-text region are drawn as coloured lines on both axes (queries: rows, keys: columns)."""
+    Boundaries of each non-text region are drawn as coloured lines: `regions` on the query axis (rows) and, unless
+    `key_regions` names the key axis separately (Titans MAC: persistent, retrieved, segment), on the key axis too."""
     H, N = probs.shape[0], probs.shape[-1]
+    keys = key_regions or regions
     cols = min(H, 4)
     rws = (H + cols - 1) // cols
     fig, axes = plt.subplots(rws, cols, figsize=(3.2 * cols + 1.0, 3.2 * rws + 0.9), squeeze=False,
@@ -85,19 +90,20 @@ def plot_attention_layer(probs: torch.Tensor, regions: dict, layer: int, path: P
             ax.axis("off")
             continue
         im = ax.imshow(p[h], cmap=cmap, vmin=-4, vmax=0, interpolation="nearest")
-        for name, (a, b) in sorted(regions.items(), key=lambda kv: kv[0] == "meta"):  # meta drawn last, on top
-            if name == "text" or b <= a:
-                continue
-            c = REGION_COLORS.get(name, "white")
-            for edge in (a - 0.5, b - 0.5):
-                ax.axvline(edge, color=c, lw=0.8)
-                ax.axhline(edge, color=c, lw=0.8)
+        for axis, named in ((ax.axhline, regions), (ax.axvline, keys)):
+            for name, (a, b) in sorted(named.items(), key=lambda kv: kv[0] == "meta"):  # meta last, on top
+                if name in UNMARKED or b <= a:
+                    continue
+                for edge in (a - 0.5, b - 0.5):
+                    axis(edge, color=REGION_COLORS.get(name, "white"), lw=0.8)
         ax.set_title(f"head {h}", fontsize=9)
         ax.set_xlabel("key", fontsize=8)
         ax.set_ylabel("query", fontsize=8)
         ax.tick_params(labelsize=7)
-    handles = [plt.Line2D([], [], color=REGION_COLORS.get(n, "white"), label=f"{n} [{a}, {b})")
-               for n, (a, b) in regions.items() if n != "text" and b > a]
+    named = {**regions, **keys} if key_regions is None else {
+        **{f"{n} (queries)": r for n, r in regions.items()}, **{f"{n} (keys)": r for n, r in keys.items()}}
+    handles = [plt.Line2D([], [], color=REGION_COLORS.get(n.split(" ")[0], "white"), label=f"{n} [{a}, {b})")
+               for n, (a, b) in named.items() if n.split(" ")[0] not in UNMARKED and b > a]
     if handles:
         fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8)
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="log10 probability")

@@ -106,16 +106,19 @@ _COMMON = MemorySpec(
     describe=_describe,
 )
 
+_MAPS = frozenset({"gates", "attention"})  # memtrain inspect draws the attention of the kinds that attend
 SPECS = (
     _COMMON,
-    replace(_COMMON, name="mac", block_shapes=_block_shapes("mac"), check=_check_mac,
+    replace(_COMMON, name="mac", inspect=_MAPS, block_shapes=_block_shapes("mac"), check=_check_mac,
             summary="Titans MAC: memory as context, attention over [persistent ‖ retrieved ‖ segment] per segment",
             segment=lambda cfg: (cfg.titans.segment_len, "model.titans.segment_len"),
             attention_keys=lambda cfg, layer, seq_len: cfg.num_meta_tokens + 2 * min(cfg.titans.segment_len, seq_len),
             cp_sequential=lambda cfg: True, cp_min_slice=lambda cfg: None),
-    replace(_COMMON, name="mag", block_shapes=_block_shapes("mag"), attention_keys=MemorySpec.attention_keys,
+    replace(_COMMON, name="mag", inspect=_MAPS,
+            block_shapes=_block_shapes("mag"), attention_keys=MemorySpec.attention_keys,
             summary="Titans MAG: memory as a gate on sliding-window attention with the meta-token prefix"),
-    replace(_COMMON, name="mal", block_shapes=_block_shapes("mal"), attention_keys=MemorySpec.attention_keys,
+    replace(_COMMON, name="mal", inspect=_MAPS,
+            block_shapes=_block_shapes("mal"), attention_keys=MemorySpec.attention_keys,
             summary="Titans MAL: memory as a layer before sliding-window attention"),
 )
 assert tuple(s.name for s in SPECS) == KINDS
