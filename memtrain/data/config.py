@@ -40,5 +40,6 @@ class DataConfig:
     """Seconds before the first retry of a failed download; doubled for each further retry."""
 
     prefetch_batches: int = 2
-    """Batches each DataLoader worker reads ahead (num_workers > 0): a slow source stalls training only once
-    num_workers x prefetch_batches batches are used up."""
+    """Batches each DataLoader worker reads ahead (num_workers > 0): a slow source stalls training only once the
+    buffered batches are used up, up to num_workers x prefetch_batches (at least num_workers x (prefetch_batches
+    - 1) once every worker waits on the source: tests/unit/test_data_remote.py)."""

@@ -1,10 +1,13 @@
 """Shards streamed over HTTP from a real localhost server: the same tokens as from disk, exact resume that opens
-no earlier shard, manifests of URLs / brace patterns / pipe: commands, retries, bad and missing shards."""
+no earlier shard, manifests of URLs / brace patterns / pipe: commands, retries, bad and missing shards, and a
+stalled source that does not stall training while prefetched batches remain."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
+import threading
 
 import pytest
 import torch
@@ -13,6 +16,7 @@ from memtrain.data.config import DataConfig
 from memtrain.data.errors import DataError, DataWarning
 from memtrain.data.manifest import load_manifest
 from memtrain.data.order import epoch_plan
+from memtrain.data.shards import read_shard
 from memtrain.data.stream import build_stream
 from memtrain.data.testing import ShardServer, tiny_dataset
 
@@ -33,7 +37,31 @@ def srv(ds, tmp_path):
     shutil.copytree(ds, copy)
     with ShardServer(copy) as server:
         server.dir = copy
-        yield server
+        _add_hold(server)
+        try:
+            yield server
+        finally:
+            server.release.set()  # never leave a handler thread (or a DataLoader worker) waiting
+
+
+def _add_hold(server: ShardServer) -> None:
+    """Requests for the names in `server.hold` get no answer until `server.release` is set (a stalled source);
+    `server.held` lists them as they arrive, and `server.arrived` is notified for each."""
+    server.hold, server.held = set(), []
+    server.release, server.arrived = threading.Event(), threading.Condition()
+    base = server._httpd.RequestHandlerClass  # functools.partial(ShardServer's handler, directory=...)
+
+    class Holding(base.func):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            name = self.path.lstrip("/").split("?")[0]
+            if name in server.hold and not server.release.is_set():
+                with server.arrived:
+                    server.held.append(name)
+                    server.arrived.notify_all()
+                server.release.wait()
+            super().do_GET()
+
+    server._httpd.RequestHandlerClass = functools.partial(Holding, *base.args, **base.keywords)
 
 
 def cfg(path: str, **kw) -> DataConfig:
@@ -163,3 +191,96 @@ def test_unreachable_manifest_url_is_one_line_error(ds):
 def test_workers_stream_over_http_like_in_process(ds, srv):
     got = inputs(build_stream(cfg(srv.url, num_workers=2)), 12)
     assert same(got, inputs(build_stream(cfg(ds)), 12))
+
+
+WATCHDOG_S = 60.0  # not a performance bound: only what turns a stalled stream into a failure instead of a hang
+
+
+def guarded(fn, what: str, release: threading.Event):
+    """`fn()` in a thread; fail the test if it has not returned after WATCHDOG_S (releasing the held source so
+    the stuck reader and the process can end)."""
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # re-raised in the test's thread
+            box["error"] = exc
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(WATCHDOG_S)
+    if t.is_alive():
+        release.set()
+        pytest.fail(f"{what} blocked for {WATCHDOG_S:.0f} s: the stream stalled although its data was there")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def to_epoch_end(stream, release: threading.Event, what: str) -> list:
+    """Batches up to and including the last one holding tokens of the stream's current epoch."""
+    out, epoch = [], stream.epoch
+    while stream.epoch == epoch:
+        out.append(guarded(lambda: next(stream), f"{what} batch {len(out)}", release))
+    return out
+
+
+def same_batches(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(torch.equal(getattr(x, f), getattr(y, f)) for x, y in zip(a, b)
+                                    for f in ("inputs", "targets", "doc_start"))
+
+
+def test_stalled_source_does_not_stall_prefetched_batches_and_changes_nothing(ds, srv):
+    workers, prefetch = 2, 3
+    c = cfg(srv.url, num_workers=workers, prefetch_batches=prefetch)
+    per_batch = c.batch_size * c.seq_len  # tokens a micro-batch moves the stream on (dp_size 1)
+    unstalled = build_stream(c)
+    reference = to_epoch_end(unstalled, srv.release, "unstalled reference")
+    unstalled.close()  # its workers are joined: no request below is theirs
+
+    # Hold every shard after the first shuffle block's: from then on no worker gets a byte of a new shard.
+    m = load_manifest(ds)
+    shards = m.split("train")
+    plan = epoch_plan(shards, "train", c.seed, 0, c.shuffle_buffer, True)
+    cut = next(p for p, start in enumerate(plan.starts) if start >= plan.block)
+    held = {shards[i].file for i in plan.order[cut:]}
+    # What the downloaded shards cover: a block is read whole, so the first window that needs a held document
+    # starts the first block holding one, and a batch is made once its last target (the token after it) is read.
+    first_held_block = plan.starts[cut] // plan.block
+    lengths = [len(s.tokens) for i in plan.order[:cut] for s in read_shard(m.path(shards[i]))]
+    covered = sum(n + 1 for n in lengths[:first_held_block * plan.block] if n)  # + EOS; empty docs are skipped
+    ready = (covered - 1) // per_batch  # batches 0 .. ready-1 need no held byte
+    assert ready >= workers * prefetch, "the unheld data must cover more than the prefetch depth to mean anything"
+    srv.fail.update({name: 10 ** 6 for name in held})  # cross-check: a reader without the held shards stops there
+    alone = build_stream(cfg(srv.url, retries=0))
+    for i in range(ready):
+        guarded(lambda: next(alone), f"in-process batch {i}", srv.release)
+    with pytest.raises(DataError, match="could not be read after 1 tries"):
+        next(alone)
+    srv.fail.clear()
+
+    srv.hold, srv.requests[:] = held, []
+
+    stream = build_stream(c)
+    got = [guarded(lambda: next(stream), f"batch {i} (source not stalled yet)", srv.release)
+           for i in range(ready - workers * (prefetch - 1))]
+    # The DataLoader has now asked every worker for a batch past `ready`: each one opens a held shard and stalls.
+    with srv.arrived:
+        assert srv.arrived.wait_for(lambda: len(srv.held) >= workers, WATCHDOG_S), \
+            f"only {len(srv.held)} of {workers} workers reached the held shard"
+    assert not srv.release.is_set() and not srv.hold & set(srv.requests), "no byte of a held shard was served"
+    # Every worker is blocked on the source; what is left of `ready` comes from the prefetch buffer.
+    got += [guarded(lambda: next(stream), f"prefetched batch {i} while every worker stalled", srv.release)
+            for i in range(len(got), ready)]
+    assert not srv.release.is_set() and len(srv.held) == workers and not srv.hold & set(srv.requests)
+    state = json.loads(json.dumps(stream.state_dict()))  # saved mid-stall
+    assert state["windows"] == ready * c.batch_size
+    assert same_batches(got, reference[:ready])
+
+    srv.release.set()  # the source recovers: the rest of the epoch, and the same tokens as without the stall
+    got += to_epoch_end(stream, srv.release, "after the stall")
+    assert same_batches(got, reference)
+    resumed = build_stream(c)
+    resumed.load_state_dict(state)
+    assert same_batches(to_epoch_end(resumed, srv.release, "resumed"), reference[ready:])
