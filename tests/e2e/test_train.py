@@ -71,13 +71,16 @@ RMT = ["--set", "model.memory=\"rmt\"", "--set", "model.rmt.segment_len=16", "--
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", [["parallel.tp=2"], ["parallel.pp=2"], ["parallel.cp=2"], ["parallel.pp=2", *RMT]],
-                         ids=["tp2", "pp2", "cp2", "rmt-pp2"])
+@pytest.mark.parametrize("layout", [["parallel.tp=2"], ["parallel.pp=2"], ["parallel.cp=2"], ["parallel.pp=2", *RMT],
+                                    ["parallel.tp=2 parallel.sequence_parallel=true"]],
+                         ids=["tp2", "pp2", "cp2", "rmt-pp2", "tp2-sp"])
 def test_model_parallel_run_matches_single_process(tiny_dataset, tmp_path, layout):
     """Tensor-, pipeline- or context-parallel training over 2 ranks follows the single-process run step by step
     (CP: each rank trains on half of every sequence, DeepSpeed averages gradients over DP × CP; RMT with PP: the
-    RMT pipeline schedule, memory sent from the last stage back to the first)."""
-    parallel_set, model_set = ["--set", layout[0]], layout[1:]
+    RMT pipeline schedule, memory sent from the last stage back to the first; SP: 4 meta + 64 tokens, 34 rows per
+    TP rank between the regions)."""
+    parallel_set = [arg for setting in layout[0].split() for arg in ("--set", setting)]
+    model_set = layout[1:]
     single = tmp_path / "single"
     train(tiny_dataset, single, *model_set, steps=8)
     parallel = tmp_path / "parallel"
