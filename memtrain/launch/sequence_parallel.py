@@ -107,7 +107,7 @@ class RegatherLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, rows, regather):
         ctx.save_for_backward(weight, rows)
-        ctx.regather, ctx.has_bias = regather, bias is not None
+        ctx.regather, ctx.has_bias, ctx.x_dtype = regather, bias is not None, x.dtype
         regather.users += 1
         return F.linear(x, weight, bias)
 
@@ -115,7 +115,7 @@ class RegatherLinear(torch.autograd.Function):
     def backward(ctx, grad):
         weight, rows = ctx.saved_tensors
         full = ctx.regather.take(rows).to(grad.dtype)
-        grad_x = grad @ weight.to(grad.dtype) if ctx.needs_input_grad[0] else None
+        grad_x = (grad @ weight.to(grad.dtype)).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
         g2 = grad.reshape(-1, grad.shape[-1])
         grad_w = (g2.t() @ full.reshape(-1, full.shape[-1])).to(weight.dtype)
         grad_b = g2.sum(0).to(weight.dtype) if ctx.has_bias else None
