@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import subprocess
 import sys
+import tempfile
 import tomllib
 from pathlib import Path
 
@@ -68,7 +69,12 @@ def test_long_context_runs_and_resumes(tmp_path):
 @pytest.mark.parametrize("preset", PRESETS, ids=[p.name for p in PRESETS])
 def test_every_experiment_preset_loads(preset):
     tree = tomllib.loads(preset.read_text())
-    if "experiment" in tree:  # the registers experiment of memtrain.train.inspect
+    if "experiment" in tree and "tokens" in tree["experiment"]:  # lm_quality: [experiment] and [train]
+        from memtrain.train.experiment.lm_quality import _base_config, load_preset as load_lm_quality
+        exp, train_tree = load_lm_quality(preset)
+        cfg = _base_config(train_tree, exp, Path(tempfile.mkdtemp()) / "base.toml")
+        assert cfg.schedule.steps * cfg.data.seq_len * cfg.data.batch_size >= exp.tokens
+    elif "experiment" in tree:  # the registers experiment of memtrain.train.inspect
         from memtrain.train.inspect.experiment import load_preset, write_base_config
         _, train_tree = load_preset(preset)
         write_base_config(train_tree, Path("/dev/null"))
@@ -76,3 +82,50 @@ def test_every_experiment_preset_loads(preset):
         from memtrain.train.experiment.config import load_experiment_config
         cfg = load_experiment_config(preset)
         assert cfg.variants and cfg.eval_lengths
+
+
+LM_TINY = ['experiment.variants=["window", "mag", "rmt"]', "experiment.tokens=2048", "experiment.eval_multiples=[1, 2]",
+           "experiment.eval_sequences=2", "experiment.eval_piece=64", "experiment.buckets=4", "train.model.d_model=32",
+           "train.model.n_layers=1", "train.model.window=16", "train.model.titans.segment_len=32",
+           "train.model.rmt.segment_len=32", "train.model.rmt.num_memory=2", "train.data.seq_len=64",
+           "train.data.batch_size=4", "train.schedule.warmup_steps=1"]
+
+
+def run_lm_quality(run_dir: Path, data: Path, *extra: str, out: Path | None = None) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "memtrain.train.experiment", "lm_quality", "--config",
+            str(ROOT / "configs" / "experiments" / "lm_quality.toml"), "--run-dir", str(run_dir)]
+    args += ["--out", str(out)] if out else []
+    for s in [*LM_TINY, f'train.data.path="{data}"', *extra]:
+        args += ["--set", s]
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_lm_quality_runs_and_resumes(tiny_dataset, tmp_path):
+    """Three variants on the same 2048 tokens, held-out perplexity at 1x and 2x by position; a rerun trains and
+    evaluates nothing, a longer evaluation computes only the new cells, other training settings are refused."""
+    import json
+    run_dir, out = tmp_path / "run", tmp_path / "out"
+    first = run_lm_quality(run_dir, tiny_dataset)
+    assert first.returncode == 0, first.stderr[-2000:]
+    rows = list(csv.DictReader((run_dir / "results.csv").open()))
+    assert [(r["variant"], r["multiple"]) for r in rows] == [(v, m) for v in ("window", "mag", "rmt") for m in "12"]
+    for r in rows:
+        by_position = json.loads(r["by_position"])
+        assert len(by_position) == 4 and all(p > 1 for p in by_position)
+        assert int(r["train_tokens"]) == 2048 and int(r["length"]) == 64 * int(r["multiple"])
+        assert abs(float(r["perplexity"]) - 2.718281828 ** float(r["loss"])) < 1e-2 * float(r["perplexity"])
+    assert len({r["parameters"] for r in rows}) == 3  # the memories add their own parameters
+    for v in ("window", "mag", "rmt"):
+        assert json.loads((run_dir / v / "summary.json").read_text())["steps"] == 8  # 2048 / (4 × 64)
+    assert "ppl @ 128 (2×)" in (run_dir / "results.md").read_text()
+
+    mtimes = {v: (run_dir / v / "summary.json").stat().st_mtime for v in ("window", "mag", "rmt")}
+    second = run_lm_quality(run_dir, tiny_dataset, "experiment.eval_multiples=[1, 2, 4]", out=out)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "training" not in second.stdout and second.stdout.count("perplexity") == 3  # only the 4x cells
+    assert mtimes == {v: (run_dir / v / "summary.json").stat().st_mtime for v in mtimes}
+    assert {p.name for p in out.iterdir()} == {"results.csv", "results.md", "perplexity.png", "by_position.png"}
+
+    bad = run_lm_quality(run_dir, tiny_dataset, "train.optim.lr=0.5")
+    assert bad.returncode == 2 and "other [train] settings" in bad.stderr and bad.stderr.count("\n") == 1
