@@ -85,14 +85,6 @@ def check_layout(model: ModelConfig, parallel: ParallelConfig, seq_len: int) -> 
         raise LayoutError(f"parallel.tp={p.tp} must divide model.n_heads={model.n_heads} "
                           f"and model.n_kv_heads={model.kv_heads}")
     check_vocabulary(model, p)
-    if p.sequence_parallel:
-        if p.tp == 1:
-            raise LayoutError("parallel.sequence_parallel=true splits the sequence over the tensor-parallel ranks: "
-                              "set parallel.tp > 1, or parallel.sequence_parallel=false")
-        for rows, what in spec.sequence_rows(model, seq_len // max(p.cp, 1)):
-            if rows % p.tp:
-                raise LayoutError(f"parallel.sequence_parallel=true splits sequences of {rows} rows ({what}) over "
-                                  f"parallel.tp={p.tp} ranks: make it a multiple of {p.tp}")
     if p.activation_checkpoint != "none" and p.cp > 1:
         raise LayoutError(f"parallel.activation_checkpoint={p.activation_checkpoint!r} does not run with "
                           f"parallel.cp={p.cp} yet (recomputing a block would repeat its rank-to-rank hand-offs): "
@@ -118,6 +110,15 @@ def check_layout(model: ModelConfig, parallel: ParallelConfig, seq_len: int) -> 
                               f"{model.memory!r}: its CP ranks run one after another (memory handed rank to "
                               f"rank) while ZeRO-3 gathers every weight with a collective, a deadlock; use "
                               f"parallel.zero_stage <= 2")
+    if p.sequence_parallel:  # after the CP rules: the rows below count this rank's CP slice
+        if p.tp == 1:
+            raise LayoutError("parallel.sequence_parallel=true splits the sequence over the tensor-parallel ranks: "
+                              "set parallel.tp > 1, or parallel.sequence_parallel=false")
+        for rows, what in spec.sequence_rows(model, seq_len // p.cp):
+            if rows % p.tp:
+                raise LayoutError(f"parallel.sequence_parallel=true splits sequences of {rows} rows ({what}) over "
+                                  f"parallel.tp={p.tp} ranks: change those settings so it divides by {p.tp}, or set "
+                                  f"parallel.sequence_parallel=false")
     if p.pp > 1:
         if spec.pipeline == "unsupported":
             raise LayoutError(f"parallel.pp={p.pp} does not support model.memory={model.memory!r}: "

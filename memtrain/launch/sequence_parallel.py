@@ -43,13 +43,25 @@ class SequenceParallelRegion(RegionOps):
         return _ToRows.apply(h, self, False)
 
     def gather(self, h: torch.Tensor) -> torch.Tensor:
-        return _Gather.apply(h, self, False)
+        return _Gather.apply(h, self, False, None)
 
     def enter(self, x: torch.Tensor) -> torch.Tensor:
-        full = _Gather.apply(x, self, True)
-        if torch.is_grad_enabled():  # the column layers it feeds keep x (this rank's rows), not `full`
-            full._sp_regather = (x.detach(), _Regather(self))
+        if not torch.is_grad_enabled():
+            return _Gather.apply(x, self, True, None)
+        regather = _Regather(self)
+        full = _Gather.apply(x, self, True, regather)
+        full._sp_regather = (x.detach(), regather, None)  # its column layers keep x (this rank's rows), not `full`
         return full
+
+    def narrow(self, x: torch.Tensor, start: int, stop: int | None) -> torch.Tensor:
+        out = x[:, start:stop]
+        info = getattr(x, "_sp_regather", None)
+        if info is not None:  # a slice of a region input: its column layers still re-gather (then slice)
+            rows, regather, span = info
+            base = 0 if span is None else span.start
+            end = base + (x.shape[1] if stop is None else stop)
+            out._sp_regather = (rows, regather, slice(base + start, end))
+        return out
 
     def exit(self, y: torch.Tensor) -> torch.Tensor:
         return _ToRows.apply(y, self, True)
@@ -82,44 +94,43 @@ class _Regather:
     """The gathered input of the column layers one `enter` fed, rebuilt once in the backward for all of them.
 
     The rows themselves are saved by each `RegatherLinear` (autograd's saved tensors, so activation checkpointing
-    drops and recomputes them like any other); this object only counts the layers and holds the gathered tensor
-    between the first and the last of their backwards."""
+    drops and recomputes them like any other); this object holds the gathered tensor from the first of their
+    backwards until the region entry's own backward, which runs after all of them, releases it."""
 
     def __init__(self, region: SequenceParallelRegion):
-        self.region = region
-        self.users, self._full = 0, None
+        self.region, self._full = region, None
 
     def take(self, rows: torch.Tensor) -> torch.Tensor:
-        """The gathered `[B, N, D]` of `rows` `[B, N / tp, D]`; freed after the last of its `users` took it."""
+        """The gathered `[B, N, D]` of `rows` `[B, N / tp, D]` (gathered by the first caller)."""
         if self._full is None:
             self._full = self.region.all_gather(rows)
-        full, self.users = self._full, self.users - 1
-        if self.users == 0:
-            self._full = None
-        return full
+        return self._full
+
+    def release(self) -> None:
+        self._full = None
 
 
 class RegatherLinear(torch.autograd.Function):
-    """y = x Wᵀ + b for x `[B, N, D]` gathered from `rows` `[B, N / tp, D]`: the backward gathers x again from the
-    rows it saved (`_Regather`) instead of keeping x. The input gradient is this rank's partial sum (the region's
-    entry reduce-scatters it)."""
+    """y = x Wᵀ + b for x `[B, N, D]` (or rows `span` of it) gathered from `rows` `[B, N / tp, D]`: the backward
+    gathers x again from the rows it saved (`_Regather`) instead of keeping x. The input gradient is this rank's
+    partial sum (the region's entry reduce-scatters it)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, rows, regather):
+    def forward(ctx, x, weight, bias, rows, regather, span):
         ctx.save_for_backward(weight, rows)
-        ctx.regather, ctx.has_bias, ctx.x_dtype = regather, bias is not None, x.dtype
-        regather.users += 1
+        ctx.regather, ctx.span, ctx.has_bias, ctx.x_dtype = regather, span, bias is not None, x.dtype
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
         weight, rows = ctx.saved_tensors
-        full = ctx.regather.take(rows).to(grad.dtype)
+        full = ctx.regather.take(rows)
+        full = (full if ctx.span is None else full[:, ctx.span]).to(grad.dtype)
         grad_x = (grad @ weight.to(grad.dtype)).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
         g2 = grad.reshape(-1, grad.shape[-1])
         grad_w = (g2.t() @ full.reshape(-1, full.shape[-1])).to(weight.dtype)
         grad_b = g2.sum(0).to(weight.dtype) if ctx.has_bias else None
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 class _ToRows(torch.autograd.Function):
@@ -138,17 +149,20 @@ class _ToRows(torch.autograd.Function):
 
 class _Gather(torch.autograd.Function):
     """Own rows -> `[B, N, D]`. Backward: `reduce` (consumers are sequence-parallel column layers, whose input
-    gradients are partial sums) reduce-scatters; else (replicated consumers, full gradients) keeps own rows."""
+    gradients are partial sums) reduce-scatters; else (replicated consumers, full gradients) keeps own rows. It runs
+    after every consumer's backward, so it releases their shared re-gathered input (`regather`)."""
 
     @staticmethod
-    def forward(ctx, x, region, reduce):
-        ctx.region, ctx.reduce = region, reduce
+    def forward(ctx, x, region, reduce, regather):
+        ctx.region, ctx.reduce, ctx.regather = region, reduce, regather
         return region.all_gather(x)
 
     @staticmethod
     def backward(ctx, grad):
         r = ctx.region
-        return (r.reduce_scatter(grad) if ctx.reduce else r.own_rows(grad)), None, None
+        if ctx.regather is not None:
+            ctx.regather.release()
+        return (r.reduce_scatter(grad) if ctx.reduce else r.own_rows(grad)), None, None, None
 
 
 class _SumGrad(torch.autograd.Function):

@@ -50,8 +50,8 @@ class _Column(ColumnParallelLinear):
         regather = getattr(x, "_sp_regather", None)
         if regather is None or not self.disable_grad_reduce:
             return super().forward(x, weight)[0]
-        rows, shared = regather
-        return RegatherLinear.apply(x, self.weight if weight is None else weight, self.bias, rows, shared)
+        rows, shared, span = regather
+        return RegatherLinear.apply(x, self.weight if weight is None else weight, self.bias, rows, shared, span)
 
 
 class _Row(RowParallelLinear):

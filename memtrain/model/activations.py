@@ -60,14 +60,21 @@ def mlp(s: Shapes, n: int) -> float:
 
 
 def sel_attention(s: Shapes, n: int) -> float:
-    return n * ((s.Hq + 2 * s.Hkv) * s.Dh / s.tp + SEL_ATTN_D * s.D / s.sp)
+    # the out projection's output is kept whole: under sequence parallelism a full-length partial sum
+    return n * ((s.Hq + 2 * s.Hkv) * s.Dh / s.tp + SEL_ATTN_D * s.D)
+
+
+def _whole_down(s: Shapes, n: int) -> float:
+    """Selective under sequence parallelism: of SEL_MLP_D's two D-wide tensors (block input, down projection output)
+    the down projection's output is a full-length partial sum, not this rank's rows: add back what `/ sp` took."""
+    return n * s.D * (1 - 1 / s.sp)
 
 
 def plain(s: Shapes, n: int, mode: str) -> float:
     if mode == "full":
         return n * s.D / s.sp
     if mode == "selective":
-        return sel_attention(s, n) + n * (SEL_MLP_D * s.D / s.sp + SEL_MLP_F * s.F / s.tp)
+        return sel_attention(s, n) + n * (SEL_MLP_D * s.D / s.sp + SEL_MLP_F * s.F / s.tp) + _whole_down(s, n)
     return attention(s, n) + mlp(s, n)
 
 

@@ -134,6 +134,11 @@ class RegionOps:
         gradients are partial sums: the backward of this call reduces them)."""
         return x
 
+    def narrow(self, x: torch.Tensor, start: int, stop: int | None) -> torch.Tensor:
+        """Rows [start, stop) of an `enter` output, `x[:, start:stop]`, still feeding sequence-parallel column layers
+        as `enter`'s output does (slice there, not elsewhere)."""
+        return x[:, start:stop]
+
     def exit(self, y: torch.Tensor) -> torch.Tensor:
         """Partial sums `[B, N, D]` of `sequence_parallel=True` row layers -> this rank's rows of their sum."""
         return y

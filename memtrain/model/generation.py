@@ -15,6 +15,9 @@ def greedy_generate(model, prompt: torch.Tensor, max_new_tokens: int, state: Any
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if model.factory.region.active:  # one new token is not a length the TP ranks can split
+        raise ValueError("generation needs a model built without sequence parallelism (the weights are the same): "
+                         "build it with MegatronFactory(sequence_parallel=False)")
     out = model(prompt, state=state)
     tokens = [prompt]
     for _ in range(max_new_tokens):

@@ -111,7 +111,7 @@ class Head(nn.Module):
         """Logits of rows [start, stop) of the whole sequence (default: all rows after the meta tokens)."""
         start = self.num_prefix if start is None else start
         if self.region.active:  # the norm on this rank's rows, then the whole sequence for the projection
-            x = self.region.enter(self.norm(h))[:, start:stop]
+            x = self.region.narrow(self.region.enter(self.norm(h)), start, stop)
         else:
             x = self.norm(h[:, start:stop])
         logits = self.proj(x)

@@ -54,7 +54,7 @@ def _no_keys(cfg: ModelConfig, layer: int, seq_len: int) -> int | None:
 
 
 def _plain_rows(cfg: ModelConfig, tokens: int) -> list[tuple[int, str]]:
-    return [(cfg.num_meta_tokens + tokens, "model.num_meta_tokens + the tokens per context-parallel rank")]
+    return [(cfg.num_meta_tokens + tokens, "model.num_meta_tokens + data.seq_len / parallel.cp")]
 
 
 def plain_regions(cfg: ModelConfig, n: int) -> dict[str, tuple[int, int]]:

@@ -200,12 +200,13 @@ class TitansBlock(nn.Module):
         """Memory over x `[B, P + n, D]` = [p ‖ text]. The meta positions always run from M_0 (their outputs do
         not depend on the input, so recomputing them each call is exact); the text continues from `mem`, or,
         on a fresh call, from the state the meta tokens left."""
-        P = self.num_prefix
+        P, region = self.num_prefix, self.region  # sequence parallel: x is a region input, sliced by `narrow`
         out_p = None
         if P:
-            out_p, after_p = self.memory(x[:, :P])
+            out_p, after_p = self.memory(region.narrow(x, 0, P))
             mem = after_p if mem is None else mem
-        out_t, mem = self.memory(x[:, P:], mem, sliced=True)  # context parallel: the text is this rank's slice
+        # context parallel: the text is this rank's slice
+        out_t, mem = self.memory(region.narrow(x, P, None), mem, sliced=True)
         return (out_t if out_p is None else torch.cat([out_p, out_t], dim=1)), mem
 
     # ---- sliding-window attention with prefix and KV cache ------------------------------------------

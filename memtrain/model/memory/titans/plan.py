@@ -5,6 +5,7 @@ the stream to whole chunks and keeps one memory state (and momentum) per chunk i
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from memtrain.model.activations import SEL_MLP_D, SEL_MLP_F, Shapes, attention, mlp, sel_attention
@@ -48,7 +49,8 @@ def layer_elements(cfg: ModelConfig, s: Shapes, mode: str = "none") -> tuple[flo
     else:  # the memory runs over the meta positions (from M_0) and the text as two streams
         meta, text = _memory(cfg, s, s.P), _memory(cfg, s, s.T)
         mem = (meta[0] + text[0], meta[1] + text[1])
-    attn = 0.0 if kind == "lmm" else attention(s, s.N)
+    # MAC runs its attention replicated under sequence parallelism (its segment loop needs whole outputs)
+    attn = 0.0 if kind == "lmm" else attention(dataclasses.replace(s, sp=1) if kind == "mac" else s, s.N)
     extra = MAC_SEGMENT * s.T * s.D if kind == "mac" else 0.0
     if mode == "selective":  # matmul outputs: attention and MLP as the plain block, the memory's projections
         t = cfg.titans
