@@ -10,8 +10,9 @@ optimizer; `schedule.steps` is the budget in tokens over the tokens per step, th
 
 Every variant is trained by a `python -m memtrain.train` subprocess into RUN_DIR/<variant> (`--resume auto`: an
 interrupted run continues), then evaluated on the first `eval_sequences` held-out (val split) sequences of each
-length `data.seq_len × m` for m in `eval_multiples`: mean next-token loss and perplexity, and the perplexity of each
-of `buckets` equal slices of positions (later positions should gain from memory). Stateful models (the memory's
+length `data.seq_len × m` for m in `eval_multiples` (the same text at every length: the longest sequences cut into
+shorter ones): mean next-token loss and perplexity, and the perplexity of each of `buckets` equal slices of
+positions (later positions should gain from memory). Stateful models (the memory's
 spec says so) read a sequence in pieces of `eval_piece` tokens with their state carried, the others in one call.
 RUN_DIR/results.csv is the resume record: a (variant, multiple) cell in it is not computed again.
 """
@@ -59,7 +60,7 @@ class LMQualitySettings:
     """Held-out sequence lengths as multiples of data.seq_len (increasing, >= 1)."""
 
     eval_sequences: int = 8
-    """Held-out sequences per length."""
+    """Held-out sequences of the longest length; shorter lengths cut the same text into more sequences."""
 
     eval_piece: int = 1024
     """Tokens per call for stateful models (the state is carried from piece to piece)."""
@@ -150,14 +151,16 @@ def token_losses(model, tokens: torch.Tensor, targets: torch.Tensor, piece: int)
     return torch.cat(out, dim=1)
 
 
-def held_out(cfg, length: int, sequences: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first `sequences` val-split sequences of `length` tokens (inputs, targets `[sequences, length]`)."""
+def held_out(cfg, longest: int, length: int, sequences: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same held-out text at every length: the first `sequences` val-split sequences of `longest` tokens, cut
+    into sequences of `length` tokens (inputs, targets `[sequences · longest / length, length]`). Only the context a
+    token sees changes from one length to the next, not the text."""
     import dataclasses
 
     from memtrain.data.stream import build_stream
-    data = dataclasses.replace(cfg.data, seq_len=length, batch_size=sequences, num_workers=0)
+    data = dataclasses.replace(cfg.data, seq_len=longest, batch_size=sequences, num_workers=0)
     batch = next(iter(build_stream(data, split="val")))
-    return batch.inputs, batch.targets
+    return batch.inputs.reshape(-1, length), batch.targets.reshape(-1, length)
 
 
 def evaluate(run: Path, cfg, exp: LMQualitySettings, multiple: int) -> dict:
@@ -165,7 +168,7 @@ def evaluate(run: Path, cfg, exp: LMQualitySettings, multiple: int) -> dict:
     model = load_checkpoint_model(run).model
     length = cfg.data.seq_len * multiple
     model.cfg.max_seq_len = max(model.cfg.max_seq_len, length)  # a length check only: evaluate past training
-    inputs, targets = held_out(cfg, length, exp.eval_sequences)
+    inputs, targets = held_out(cfg, cfg.data.seq_len * exp.eval_multiples[-1], length, exp.eval_sequences)
     losses = token_losses(model, inputs, targets, exp.eval_piece)
     by_position = [round(math.exp(float(chunk.mean())), 3) for chunk in losses.chunk(exp.buckets, dim=1)]
     loss = float(losses.mean())

@@ -18,7 +18,8 @@ def markdown(rows: list[dict], exp, cfg, preset: str) -> str:
         "# LM quality at equal compute", "",
         f"Preset `{preset}`: every variant trained on the same {some.get('train_tokens', '?')} tokens "
         f"({cfg.schedule.steps} steps of {cfg.data.batch_size} × {seq} tokens) of `{cfg.data.path}`, "
-        f"evaluated on the first {exp.eval_sequences} held-out (val) sequences of each length.", "",
+        f"evaluated on the first {exp.eval_sequences} held-out (val) sequences of {seq * mults[-1]:,} tokens, cut into "
+        f"shorter sequences for the shorter lengths (the same text at every length).", "",
         "| variant | parameters | train s | " + " | ".join(f"ppl @ {seq * m:,} ({m}×)" for m in mults) + " |",
         "|---|---:|---:|" + "---:|" * len(mults),
     ]
