@@ -7,6 +7,9 @@ each measurement runs in a fresh subprocess so its peak RSS (`ru_maxrss`) is its
   streamed) from local disk and from a localhost HTTP server (`memtrain.data.testing.ShardServer`).
 - `stream`: packed windows (seq_len 2048, batch 8) from one `PackedReader`, i.e. one DataLoader worker at DP=1,
   local and HTTP, for `--seconds` seconds.
+- `downloads` (`--downloads DP`): a job of DP ranks streaming one epoch of 8 shards from the HTTP server with
+  `data.lanes` 1 and DP (docs/data.md "Lanes"): bytes of the distinct shards each rank opens, their sum over
+  the dataset's size, and each rank's packed tokens/s.
 `--dir DIR` also measures the stream on a prepared dataset (e.g. data_cache/stdlib). See docs/data.md.
 """
 from __future__ import annotations
@@ -16,6 +19,7 @@ import io
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -37,9 +41,16 @@ def _npy(tokens: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def make_dataset(out: str, shard_mb: int, shards: int = 1, seed: int = 0) -> str:
-    """`shards` shards of about `shard_mb` MB each plus a manifest, written member by member (bounded memory)."""
+def make_dataset(out: str, shard_mb: int, shards: int = 1, seed: int = 0, tokenizer_from: str | None = None) -> str:
+    """`shards` shards of about `shard_mb` MB each plus a manifest, written member by member (bounded memory).
+    `tokenizer_from`: a prepared dataset whose tokenizer (and vocabulary) the manifest takes, so that a `Stream`
+    (which checks the tokenizer) can read it; by default a placeholder only `PackedReader` accepts."""
     os.makedirs(out, exist_ok=True)
+    tokenizer, vocab = {"file": "none.model", "sha256": "0" * 64, "vocab_size": 8192}, 8192
+    if tokenizer_from:
+        tokenizer = json.load(open(os.path.join(tokenizer_from, "manifest.json")))["tokenizer"]
+        vocab = tokenizer["vocab_size"]
+        shutil.copy(os.path.join(tokenizer_from, tokenizer["file"]), os.path.join(out, tokenizer["file"]))
     rng = np.random.default_rng(seed)
     entries = []
     for i in range(shards):
@@ -48,7 +59,7 @@ def make_dataset(out: str, shard_mb: int, shards: int = 1, seed: int = 0) -> str
         docs = tokens = 0
         with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
             while os.path.getsize(path) < shard_mb * 1e6:
-                arr = rng.integers(4, 8192, size=int(rng.integers(1024, 8192)), dtype=np.uint16)
+                arr = rng.integers(4, vocab, size=int(rng.integers(1024, 8192)), dtype=np.uint16)
                 payload = _npy(arr)
                 info = tarfile.TarInfo(f"{name[:-4]}-{docs:08d}.tokens.npy")
                 info.size = len(payload)
@@ -61,8 +72,8 @@ def make_dataset(out: str, shard_mb: int, shards: int = 1, seed: int = 0) -> str
                 sha.update(chunk)
         entries.append({"file": name, "split": "train", "docs": docs, "tokens": tokens,
                         "bytes": os.path.getsize(path), "sha256": sha.hexdigest()})
-    raw = {"format": "memtrain-shards/1", "vocab_size": 8192, "dtype": "uint16", "shards": entries,
-           "tokenizer": {"file": "none.model", "sha256": "0" * 64, "vocab_size": 8192}}
+    raw = {"format": "memtrain-shards/1", "vocab_size": vocab, "dtype": "uint16", "shards": entries,
+           "tokenizer": tokenizer}
     with open(os.path.join(out, "manifest.json"), "w") as f:
         json.dump(raw, f)
     return out
@@ -108,6 +119,35 @@ def child(kind: str, location: str, seconds: float) -> dict:
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
 
 
+def downloads(dp: int, shard_mb: int, tmp: str) -> list[dict]:
+    """One epoch of a DP-rank job over HTTP at 1 and `dp` lanes; the ranks run one after another here."""
+    from memtrain.data.config import DataConfig
+    from memtrain.data.stream import build_stream
+    from memtrain.data.testing import ShardServer, tiny_dataset
+    ds = make_dataset(os.path.join(tmp, "lanes"), shard_mb, shards=8, tokenizer_from=tiny_dataset(tmp))
+    raw = json.load(open(os.path.join(ds, "manifest.json")))
+    size = {s["file"]: s["bytes"] for s in raw["shards"]}
+    out = []
+    with ShardServer(ds) as srv:
+        for lanes in (1, dp):
+            ranks = []
+            for rank in range(dp):
+                srv.requests.clear()
+                cfg = DataConfig(path=srv.url, seq_len=SEQ_LEN, batch_size=BATCH // dp, lanes=lanes, shuffle_buffer=64)
+                stream = build_stream(cfg, dp_rank=rank, dp_size=dp)
+                start, tokens = time.perf_counter(), 0
+                while stream.epoch == 0:
+                    tokens += next(stream).inputs.numel()
+                dt = time.perf_counter() - start
+                ranks.append({"rank": rank, "mb": round(sum(size.get(r, 0) for r in set(srv.requests)) / 1e6, 1),
+                              "tokens_per_s": round(tokens / dt)})
+            out.append({"bench": "downloads", "dp": dp, "lanes": lanes, "shard_mb": shard_mb,
+                        "dataset_mb": round(sum(size.values()) / 1e6, 1),
+                        "downloaded_over_dataset": round(sum(r["mb"] for r in ranks) * 1e6 / sum(size.values()), 2),
+                        "ranks": ranks})
+    return out
+
+
 def run_child(kind: str, location: str, seconds: float) -> dict:
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", kind, location, str(seconds)],
                          capture_output=True, text=True, check=True)
@@ -119,10 +159,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes-mb", type=int, nargs="+", default=[64, 512], help="shard sizes to generate")
     p.add_argument("--seconds", type=float, default=3.0, help="time per stream measurement")
     p.add_argument("--dir", help="also measure the stream on this prepared dataset")
+    p.add_argument("--downloads", type=int, metavar="DP", help="only the downloads of a DP-rank job, lanes 1 vs DP")
     p.add_argument("--child", nargs=3, help=argparse_hidden())
     args = p.parse_args(argv)
     if args.child:
         print(json.dumps(child(args.child[0], args.child[1], float(args.child[2]))))
+        return 0
+    if args.downloads:
+        with tempfile.TemporaryDirectory(prefix="memtrain-bench-") as tmp:
+            for row in downloads(args.downloads, min(args.sizes_mb), tmp):
+                print(json.dumps(row), flush=True)
         return 0
     from memtrain.data.testing import ShardServer
     base = run_child("none", make_dataset(tempfile.mkdtemp(prefix="bench-base-"), 1), 0)

@@ -29,6 +29,13 @@ class DataConfig:
     seed: int = 1234
     """Seed of the shard order and the shuffle; with the epoch it fixes every batch."""
 
+    lanes: int = 1
+    """Independent token streams the train split is read in, lane l over the shards with index = l mod lanes.
+    Row j of the job's micro-batch (batch_size x dp rows) comes from lane j // (rows / lanes), so a DP rank
+    downloads only its lanes' shards: a multiple of dp x max(1, num_workers) reads every shard once per epoch
+    (1: every rank and worker streams the whole split). Must divide batch_size x dp; the order of windows
+    depends on it (not on dp), so keep it for the whole run (docs/data.md "Lanes"). The val split has one lane."""
+
     skip_bad_shards: bool = False
     """Warn about and skip corrupt or mismatching shards instead of stopping."""
 

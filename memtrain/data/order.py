@@ -7,6 +7,9 @@ consecutive blocks of `shuffle_buffer` ordinals, each block by its own (seed, sp
 The manifest gives every shard's document count, so an ordinal maps to (shard, sample index) without reading
 anything: a reader's position is just (epoch, ordinal, token offset), no buffer contents ever need saving, and
 resuming opens the one shard holding the block's first document and skips to that sample.
+
+With `data.lanes = K > 1` the train split is K such orders, one per lane over the shards whose index is
+congruent to the lane mod K, each drawn from generators that also take (K, lane) (docs/data.md "Lanes").
 """
 from __future__ import annotations
 
@@ -40,6 +43,8 @@ class EpochPlan:
     seed: int
     split: int
     epoch: int
+    lane_key: tuple[int, ...] = ()
+    """(lanes, lane) when the split is read in several lanes, () for one: part of every generator's seed."""
 
     @property
     def total(self) -> int:
@@ -57,17 +62,18 @@ class EpochPlan:
         n = len(self.block_range(b))
         if not self.permute or n < 2:
             return None
-        return _rng(self.seed, self.split, self.epoch, b, 7).permutation(n)
+        return _rng(self.seed, self.split, self.epoch, b, 7, *self.lane_key).permutation(n)
 
 
 def epoch_plan(shards: list[ShardMeta], split: str, seed: int, epoch: int, shuffle_buffer: int,
-               shuffle: bool) -> EpochPlan:
+               shuffle: bool, lane_key: tuple[int, ...] = ()) -> EpochPlan:
+    """The plan of one epoch over `shards` (the split's, or one lane's: then `lane_key` = (lanes, lane))."""
     code = _SPLIT_CODE.get(split, 2)
     order = list(range(len(shards)))
     if shuffle:
-        order = [int(i) for i in _rng(seed, code, epoch).permutation(len(shards))]
+        order = [int(i) for i in _rng(seed, code, epoch, *lane_key).permutation(len(shards))]
     starts = [0]
     for i in order:
         starts.append(starts[-1] + shards[i].docs)
     permute = shuffle and shuffle_buffer > 1
-    return EpochPlan(order, starts, shuffle_buffer if permute else _READ_AHEAD, permute, seed, code, epoch)
+    return EpochPlan(order, starts, shuffle_buffer if permute else _READ_AHEAD, permute, seed, code, epoch, lane_key)

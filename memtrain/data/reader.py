@@ -105,9 +105,11 @@ class PackedReader:
     """The cursor over the token stream; `take` gives tokens, `advance` moves past them (see module docstring)."""
 
     def __init__(self, manifest: Manifest, split: str, *, seed: int, shuffle_buffer: int, shuffle: bool,
-                 skip_bad: bool, eos_id: int, state: dict | None = None) -> None:
+                 skip_bad: bool, eos_id: int, state: dict | None = None, lane: int = 0, lanes: int = 1) -> None:
         self.manifest, self.split = manifest, split
-        self.shards = manifest.split(split)
+        # one lane's token stream: its own shards (index = lane mod lanes) in its own order (docs/data.md "Lanes")
+        self.shards = manifest.split(split)[lane::lanes]
+        self._lane_key = (lanes, lane) if lanes > 1 else ()
         self.seed, self.shuffle_buffer, self.shuffle = seed, shuffle_buffer, shuffle
         self.source = DocSource(manifest, self.shards, skip_bad)
         self._eos = np.array([eos_id], dtype=np.int64)
@@ -131,7 +133,7 @@ class PackedReader:
         while True:
             if self._plan is None or self._plan.epoch != self.epoch:
                 self._plan = epoch_plan(self.shards, self.split, self.seed, self.epoch, self.shuffle_buffer,
-                                        self.shuffle)
+                                        self.shuffle, self._lane_key)
                 self._block = -1
             if self.ordinal >= self._plan.total:
                 crossed += 1

@@ -3,20 +3,24 @@
     stream = build_stream(cfg.data, dp_rank=r, dp_size=d)      # split="val" for the held-out stream
     for batch in stream:                                      # batch.inputs / .targets / .doc_start [B, S]
         ...
-    ckpt["data"] = stream.state_dict()                        # the same on every DP rank; JSON-serialisable
-    stream.load_state_dict(ckpt["data"])                      # saved at any dp_size / num_workers / batch_size
+    state = merge_states(all_ranks_state_dicts)               # only with data.lanes > 1: see below
+    stream.load_state_dict(state)                             # saved at any dp_size / num_workers / batch_size
 
-The order of training windows is global (docs/data.md "Global order"): the job's one token stream is cut into
-windows of `seq_len + 1` (`memtrain.data.reader`), and micro-batch m of the job is windows
-`[m * G, (m + 1) * G)` with `G = batch_size * dp_size`; DP rank r takes rows `[r * B, (r + 1) * B)` of it. So
-a run at (dp, B) and one at (1, dp * B), or at (1, B) with dp times the grad_accum, see the same windows at
-every optimizer step, and the state is one global position: (windows consumed, cursor at that window).
+The order of training windows is global (docs/data.md "Global order"). The split is read in K = `data.lanes`
+lanes, each a token stream of its own shards cut into windows of `seq_len + 1` (`memtrain.data.reader`; K = 1
+is the job's one stream). Micro-batch m of the job has `G = batch_size * dp_size` rows; rows
+`[l * G/K, (l+1) * G/K)` are lane l's windows `[m * G/K, (m+1) * G/K)`, and DP rank r takes rows
+`[r * B, (r+1) * B)`. So a run at (dp, B) and one at (1, dp * B), or at (1, B) with dp times the grad_accum,
+see the same windows at every optimizer step, and the state is a global position: windows consumed and each
+lane's cursor. A rank reads only the lanes its rows come from, so its `state_dict` knows only those lanes'
+cursors (the others are None); `merge_states` of all ranks' dicts is the job's state, identical everywhere.
 
-With W = num_workers > 0, DataLoader worker k makes the rank's micro-batches `k, k + W, ...` (counted from the
-state the workers started from): the order in which a DataLoader hands out an IterableDataset's workers'
-batches. Every worker walks the whole token stream, skipping the windows that are not its own; each batch
-travels with the global position after its micro-batch, so batches prefetched but not consumed are simply
-produced again after a resume.
+The rank's micro-batch is made of `pieces`: one per lane it reads, each the rank's rows of that lane. With
+W = num_workers > 0, DataLoader worker k makes the items `n = m * L + i` (micro-batch m, piece i of L) with
+`n = k (mod W)`: the order in which a DataLoader hands out an IterableDataset's workers' items, so the batches
+are the same as with W = 0. When W divides L a worker reads only its own lanes; otherwise workers share a lane
+and each walks past the windows of the micro-batches that are not its own. Every item travels with its lane's
+position after its micro-batch, so items prefetched but not consumed are simply produced again after a resume.
 """
 from __future__ import annotations
 
@@ -31,7 +35,8 @@ from memtrain.data.errors import DataError
 from memtrain.data.manifest import Manifest, check_tokenizer, load_manifest
 from memtrain.data.reader import PackedReader, emit_warnings, initial_state
 
-STATE_VERSION = 2
+STATE_VERSION = 3
+_CURSOR = ("epoch", "ordinal", "offset", "skipped")
 
 
 @dataclass
@@ -47,42 +52,77 @@ class Batch:
         return Batch(*(t.to(device, non_blocking=non_blocking) for t in (self.inputs, self.targets, self.doc_start)))
 
 
+@dataclass(frozen=True)
+class Piece:
+    """The rows a rank takes from one lane in every micro-batch: skip `before` of the lane's windows, take
+    `rows`, skip `after` (`before + rows + after` = the lane's G / K windows per micro-batch)."""
+    lane: int
+    before: int
+    rows: int
+    after: int
+
+
+def rank_pieces(batch_size: int, dp_rank: int, dp_size: int, lanes: int) -> list[Piece]:
+    """The pieces of DP rank `dp_rank`'s rows, in row order (lanes must divide batch_size * dp_size)."""
+    per_lane = batch_size * dp_size // lanes
+    lo, hi = dp_rank * batch_size, (dp_rank + 1) * batch_size
+    pieces = []
+    for lane in range(lo // per_lane, (hi - 1) // per_lane + 1):
+        first, end = max(lo, lane * per_lane), min(hi, (lane + 1) * per_lane)
+        pieces.append(Piece(lane, first - lane * per_lane, end - first, (lane + 1) * per_lane - end))
+    return pieces
+
+
+def merge_states(states: list[dict]) -> dict:
+    """The job's data state from every rank's `state_dict()` (any order, any number of copies per DP rank):
+    each lane's cursor is taken from the ranks that read it."""
+    lanes = []
+    for lane in range(len(states[0]["lanes"])):
+        known = [s["lanes"][lane] for s in states if s["lanes"][lane] is not None]
+        if not known:
+            raise DataError(f"no rank reported the position of data lane {lane}: pass every DP rank's state")
+        if any(k != known[0] for k in known):
+            raise RuntimeError(f"ranks disagree on the position of data lane {lane}: {known}")
+        lanes.append(known[0])
+    return {**states[0], "lanes": lanes}
+
+
 class _WorkerDataset(IterableDataset):
-    """What each DataLoader worker runs: the rank's rows of every W-th micro-batch, forever."""
+    """What each DataLoader worker runs: its items of the rank's pieces (module docstring), forever."""
 
     def __init__(self, stream: "Stream", state: dict) -> None:
         self.kwargs = stream._reader_kwargs()
-        self.manifest, self.split, self.state = stream._manifest, stream.split, state
-        self.rows, self.rank, self.dp_size = stream.cfg.batch_size, stream.dp_rank, stream.dp_size
+        self.manifest, self.split, self.lanes = stream._manifest, stream.split, stream.lanes
+        self.pieces, self.state = stream.pieces, state
+        self.per_lane = stream.cfg.batch_size * stream.dp_size // stream.lanes
         self.seq_len, self.workers = stream.cfg.seq_len, stream.workers
 
     def __iter__(self) -> Iterator[tuple]:
         info = get_worker_info()
-        worker = info.id if info is not None else 0
-        group = self.rows * self.dp_size  # windows per micro-batch of the job
-        before, after = self.rank * self.rows, group - (self.rank + 1) * self.rows
-        reader = None
+        n = info.id if info is not None else 0
+        readers: dict[int, PackedReader] = {}
+        at: dict[int, int] = {}  # piece -> the micro-batch its reader stands at
         try:
-            reader = PackedReader(self.manifest, self.split, state=self.state, **self.kwargs)
-            windows = int(self.state["windows"])
-            reader.advance(worker * group * self.seq_len)  # the micro-batches of the workers before this one
-            windows += worker * group
-            index = worker
             while True:
-                inputs, targets, doc_start = reader.windows(before, self.rows, after, self.seq_len)
-                windows += group
-                state = {"windows": windows, **reader.state()}
+                m, i = divmod(n, len(self.pieces))
+                piece = self.pieces[i]
+                reader = readers.get(i)
+                if reader is None:
+                    reader = readers[i] = PackedReader(self.manifest, self.split, state=self.state["lanes"][piece.lane],
+                                                       lane=piece.lane, lanes=self.lanes, **self.kwargs)
+                    at[i] = 0
+                reader.advance((m - at[i]) * self.per_lane * self.seq_len)  # other workers' micro-batches
+                inputs, targets, doc_start = reader.windows(piece.before, piece.rows, piece.after, self.seq_len)
+                at[i] = m + 1
                 warns, reader.warnings = reader.warnings, []
                 yield (torch.from_numpy(inputs), torch.from_numpy(targets), torch.from_numpy(doc_start),
-                       state, index, warns)
-                reader.advance((self.workers - 1) * group * self.seq_len)
-                windows += (self.workers - 1) * group
-                index += self.workers
+                       reader.state(), n, warns)
+                n += self.workers
         except DataError as exc:
             # Handed over as a value: a raised exception would reach the trainer wrapped in a worker traceback.
             yield ("error", str(exc))
         finally:
-            if reader is not None:
+            for reader in readers.values():
                 reader.close()
 
 
@@ -92,36 +132,45 @@ class Stream:
     def __init__(self, cfg: DataConfig, dp_rank: int = 0, dp_size: int = 1, split: str = "train") -> None:
         _check_config(cfg, dp_rank, dp_size, split)
         self.cfg, self.dp_rank, self.dp_size, self.split = cfg, dp_rank, dp_size, split
+        self.lanes: int = cfg.lanes if split == "train" else 1  # the val split is small: read whole by every rank
         self._manifest: Manifest = load_manifest(cfg.path, cfg.retries, cfg.retry_delay)
-        self._manifest.split(split)  # a missing split fails here, not in a worker
+        shards = len(self._manifest.split(split))  # a missing split fails here, not in a worker
+        if self.lanes > shards:
+            raise DataError(f"data.lanes = {self.lanes} but split {split!r} of {cfg.path} has {shards} shards: every "
+                            f"lane needs one; set data.lanes <= {shards} or prepare smaller shards")
         tok = check_tokenizer(self._manifest)
         self.vocab_size: int = self._manifest.vocab_size
         self.eos_id: int = tok.eos_id
         self.bos_id: int = tok.bos_id
         self.pad_id: int = tok.pad_id
         self.workers = max(1, cfg.num_workers)
-        self._state = {"windows": 0, **initial_state()}
-        self._served = 0  # micro-batches handed out since the workers started from `_state`'s predecessor
+        self.pieces = rank_pieces(cfg.batch_size, dp_rank, dp_size, self.lanes)
+        self._state: dict = {"windows": 0, "lanes": [initial_state() for _ in range(self.lanes)]}
+        self._served = 0  # items handed out since the workers started from `_state`'s predecessor
         self._it: Iterator[tuple] | None = None
         # What a saved position is only valid for. Not dp_size, batch_size or num_workers: the order of
         # windows does not depend on them, so a state carries across data-parallel sizes.
         self._fingerprint = {"manifest_sha256": self._manifest.sha256, "split": split, "seq_len": cfg.seq_len,
-                             "seed": cfg.seed, "shuffle_buffer": cfg.shuffle_buffer}
+                             "seed": cfg.seed, "shuffle_buffer": cfg.shuffle_buffer, "lanes": self.lanes}
 
     def _reader_kwargs(self) -> dict[str, Any]:
         c = self.cfg
         return {"seed": c.seed, "shuffle_buffer": c.shuffle_buffer, "shuffle": self.split == "train",
                 "skip_bad": c.skip_bad_shards, "eos_id": self.eos_id}
 
+    def _own(self) -> list[dict]:
+        return [self._state["lanes"][p.lane] for p in self.pieces]
+
     @property
     def skipped_shards(self) -> int:
-        """Bad shards skipped so far in the job's stream (a shard skipped again after a resume counts again)."""
-        return int(self._state["skipped"])
+        """Bad shards skipped so far in the lanes this rank reads (a shard skipped again after a resume counts
+        again)."""
+        return sum(int(c["skipped"]) for c in self._own())
 
     @property
     def epoch(self) -> int:
-        """The epoch of the next window to be read."""
-        return int(self._state["epoch"])
+        """The epoch of the next window to be read (the earliest over the lanes this rank reads)."""
+        return min(int(c["epoch"]) for c in self._own())
 
     @property
     def windows(self) -> int:
@@ -130,7 +179,7 @@ class Stream:
 
     def _open(self) -> Iterator[tuple]:
         self._served = 0
-        dataset = _WorkerDataset(self, dict(self._state))
+        dataset = _WorkerDataset(self, {"lanes": list(self._state["lanes"])})
         if self.cfg.num_workers == 0:
             return iter(dataset)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.cfg.num_workers,
@@ -143,39 +192,61 @@ class Stream:
     def __next__(self) -> Batch:
         if self._it is None:
             self._it = self._open()
-        item = next(self._it)
-        if isinstance(item[0], str):  # ("error", message) from a worker
-            self.close()
-            raise DataError(item[1])
-        inputs, targets, doc_start, state, index, warns = item
-        if index != self._served:  # the round-robin order is what makes resume exact
-            raise RuntimeError(f"data worker answered micro-batch {index} out of turn (expected {self._served})")
-        emit_warnings(warns)
-        self._state = state
-        self._served += 1
-        return Batch(inputs, targets, doc_start)
+        parts, cursors = [], []
+        for _ in self.pieces:
+            item = next(self._it)
+            if isinstance(item[0], str):  # ("error", message) from a worker
+                self.close()
+                raise DataError(item[1])
+            inputs, targets, doc_start, cursor, index, warns = item
+            if index != self._served:  # the round-robin order is what makes resume exact
+                raise RuntimeError(f"data worker answered item {index} out of turn (expected {self._served})")
+            emit_warnings(warns)
+            parts.append((inputs, targets, doc_start))
+            cursors.append(cursor)
+            self._served += 1
+        lanes = list(self._state["lanes"])
+        for piece, cursor in zip(self.pieces, cursors):
+            lanes[piece.lane] = cursor
+        self._state = {"windows": self._state["windows"] + self.cfg.batch_size * self.dp_size, "lanes": lanes}
+        if len(parts) == 1:
+            return Batch(*parts[0])
+        return Batch(*(torch.cat(t) for t in zip(*parts)))
 
     def state_dict(self) -> dict:
-        """Everything an exact resume needs: the job's position, identical on every DP rank; ints and strings
-        only (JSON-serialisable)."""
-        return {"version": STATE_VERSION, "fingerprint": dict(self._fingerprint), **self._state}
+        """The job's position as this rank knows it: windows consumed and the cursor of every lane it reads
+        (None for the others: `merge_states` over all ranks completes it; with one lane it is complete and the
+        same on every rank). Ints and strings only (JSON-serialisable)."""
+        own = {p.lane for p in self.pieces}
+        lanes = [dict(c) if k in own else None for k, c in enumerate(self._state["lanes"])]
+        return {"version": STATE_VERSION, "fingerprint": dict(self._fingerprint), "windows": self.windows,
+                "lanes": lanes}
 
     def load_state_dict(self, state: dict) -> None:
-        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-            raise DataError(f"data stream state has version {state.get('version') if isinstance(state, dict) else None!r}, "
-                            f"expected {STATE_VERSION}; it was saved by another memtrain version")
+        version = state.get("version") if isinstance(state, dict) else None
+        if version == 2:  # one lane, the cursor at the top level (memtrain before data.lanes)
+            state = {**state, "fingerprint": {**(state.get("fingerprint") or {}), "lanes": 1},
+                     "lanes": [{k: state.get(k) for k in _CURSOR}]}
+        elif version != STATE_VERSION:
+            raise DataError(f"data stream state has version {version!r}, expected {STATE_VERSION}; it was saved by "
+                            f"another memtrain version")
         saved = state.get("fingerprint") or {}
         diff = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in self._fingerprint.items() if saved.get(k) != v]
         if diff:
             raise DataError(f"data stream state does not match this stream ({'; '.join(diff)}); resume with the same "
-                            f"dataset ({self.cfg.path}) and data.seq_len / seed / shuffle_buffer")
+                            f"dataset ({self.cfg.path}) and data.seq_len / seed / shuffle_buffer / lanes")
         try:
-            new = {k: int(state[k]) for k in ("windows", "epoch", "ordinal", "offset", "skipped")}
+            lanes = [None if c is None else {k: int(c[k]) for k in _CURSOR} for c in state["lanes"]]
+            windows = int(state["windows"])
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(f"data stream state is missing or has a malformed position ({exc!r}); it is not a "
                             f"memtrain data state") from None
+        missing = sorted({p.lane for p in self.pieces if len(lanes) == self.lanes and lanes[p.lane] is None})
+        if len(lanes) != self.lanes or missing:
+            raise DataError(f"data stream state lacks the position of lanes {missing or list(range(self.lanes))}: "
+                            f"it is one rank's part; save the merge of every rank's state (merge_states)")
         self.close()
-        self._state = new
+        self._state = {"windows": windows, "lanes": [c or initial_state() for c in lanes]}
 
     def close(self) -> None:
         """Stop the DataLoader workers (the next `next()` starts them again from the current state)."""
@@ -197,6 +268,9 @@ def _check_config(cfg: DataConfig, dp_rank: int, dp_size: int, split: str) -> No
         problems.append(f"data.retries = {cfg.retries} and data.retry_delay = {cfg.retry_delay} must be >= 0")
     if cfg.prefetch_batches < 1:
         problems.append(f"data.prefetch_batches = {cfg.prefetch_batches} must be >= 1")
+    if cfg.lanes < 1 or (split == "train" and (cfg.batch_size * dp_size) % cfg.lanes):
+        problems.append(f"data.lanes = {cfg.lanes} must be >= 1 and divide the job's rows per micro-batch, "
+                        f"data.batch_size x dp = {cfg.batch_size * dp_size}")
     if cfg.shuffle_buffer < 0:
         problems.append(f"data.shuffle_buffer = {cfg.shuffle_buffer} must be >= 0")
     if dp_size < 1 or not 0 <= dp_rank < dp_size:

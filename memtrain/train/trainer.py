@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from memtrain.data.stream import build_stream
+from memtrain.data.stream import build_stream, merge_states
 from memtrain.launch.groups import Layout, collective_device, init_parallel
 from memtrain.launch.config import LayoutError, check_vocabulary
 from memtrain.model import LayerFactory, build_model
@@ -197,7 +197,7 @@ class Trainer:
     def save(self) -> Path:
         """A checkpoint of this step: each rank writes the rectangles of weights and moments it owns (sharded,
         any layout can resume it) and a small file of its own (stream, RNG, schedule); see docs/distributed.md."""
-        state = {"stream": self.stream.state_dict(), "rng": rng_state(), "step": self.step}
+        state = {"stream": self._stream_state(), "rng": rng_state(), "step": self.step}
         from memtrain.launch.tensor_parallel import partition_dim
         from .sharded import placement
         shapes = {n: list(placement(getattr(p, "ds_shape", None) or p.shape, partition_dim(p), 0,
@@ -207,6 +207,16 @@ class Trainer:
         return save_checkpoint(self.ckpt_root, self.step, state, meta, rank=self.layout.rank,
                                keep=self.cfg.checkpoint.keep,
                                write_extra=lambda d: state.update(engine=self.engine.save(d)))
+
+    def _stream_state(self) -> dict:
+        """The job's data position, the same on every rank: with several data lanes each DP rank knows only the
+        cursors of the lanes it reads, so the ranks' states are gathered and merged (one collective)."""
+        state = self.stream.state_dict()
+        if self.stream.lanes == 1 or not (dist.is_initialized() and self.layout.world > 1):
+            return state
+        states: list[Any] = [None] * self.layout.world
+        dist.all_gather_object(states, state)
+        return merge_states(states)
 
     def _find_checkpoint(self, resume: str) -> Path | None:
         """The checkpoint `--resume` names: none, auto (newest complete one, if any) or a path."""

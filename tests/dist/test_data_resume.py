@@ -43,7 +43,7 @@ def test_resume_two_workers_two_ranks_across_epoch_boundary(ds, rank):
         next(a)
     state = json.loads(json.dumps(a.state_dict()))
     ref = [next(a) for _ in range(m)]
-    assert state["epoch"] == 0 and a.epoch >= 1, "the m batches must cross the epoch end"
+    assert state["lanes"][0]["epoch"] == 0 and a.epoch >= 1, "the m batches must cross the epoch end"
     a.close()
     b = build_stream(cfg(ds), dp_rank=rank, dp_size=2)
     b.load_state_dict(state)

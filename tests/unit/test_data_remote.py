@@ -97,11 +97,11 @@ def test_http_resume_is_exact_and_opens_no_earlier_shard(ds, srv, dp_size):
         inputs(a, k)
         saved.append((json.loads(json.dumps(a.state_dict())), inputs(a, 10)))
     state = saved[0][0]
-    assert all(st == state for st, _ in saved) and state["epoch"] == 0
+    assert all(st == state for st, _ in saved) and state["lanes"][0]["epoch"] == 0
     m = load_manifest(ds)
     shards = m.split("train")
     plan = epoch_plan(shards, "train", 5, 0, 5, True)
-    pos, _ = plan.locate(state["ordinal"] // 5 * 5)  # the shard holding the first document of the block
+    pos, _ = plan.locate(state["lanes"][0]["ordinal"] // 5 * 5)  # the shard holding the first document of the block
     assert pos >= 2, "the resume point must lie past some shards for this test to mean anything"
     srv.requests.clear()
     for rank in range(dp_size):
