@@ -139,12 +139,13 @@ def downloads(dp: int, shard_mb: int, tmp: str) -> list[dict]:
                 while stream.epoch == 0:
                     tokens += next(stream).inputs.numel()
                 dt = time.perf_counter() - start
-                ranks.append({"rank": rank, "mb": round(sum(size.get(r, 0) for r in set(srv.requests)) / 1e6, 1),
+                ranks.append({"rank": rank, "bytes": sum(size.get(r, 0) for r in set(srv.requests)),
                               "tokens_per_s": round(tokens / dt)})
             out.append({"bench": "downloads", "dp": dp, "lanes": lanes, "shard_mb": shard_mb,
                         "dataset_mb": round(sum(size.values()) / 1e6, 1),
-                        "downloaded_over_dataset": round(sum(r["mb"] for r in ranks) * 1e6 / sum(size.values()), 2),
-                        "ranks": ranks})
+                        "downloaded_over_dataset": round(sum(r["bytes"] for r in ranks) / sum(size.values()), 2),
+                        "ranks": [{"rank": r["rank"], "mb": round(r["bytes"] / 1e6, 1), "tokens_per_s": r["tokens_per_s"]}
+                                  for r in ranks]})
     return out
 
 

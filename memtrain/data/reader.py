@@ -138,9 +138,15 @@ class PackedReader:
             if self.ordinal >= self._plan.total:
                 crossed += 1
                 if crossed > _MAX_EMPTY_EPOCHS:
-                    raise DataError(f"split {self.split!r} of {self.manifest.dir} ({len(self.shards)} shards, "
-                                    f"{sum(s.docs for s in self.shards)} docs) gave no documents for "
-                                    f"{_MAX_EMPTY_EPOCHS} epochs: every shard is bad or empty; fix or replace them")
+                    where = f"split {self.split!r} of {self.manifest.dir}"
+                    fix = "fix or replace them"
+                    if self._lane_key:
+                        where = f"data lane {self._lane_key[1]} of {self._lane_key[0]} ({where})"
+                        fix += " or lower data.lanes (a lane whose shards are all bad stops even with skip_bad_shards)"
+                    raise DataError(f"{where} ({len(self.shards)} shards: {', '.join(s.file for s in self.shards[:3])}"
+                                    f"{', ...' if len(self.shards) > 3 else ''}; {sum(s.docs for s in self.shards)} "
+                                    f"docs) gave no documents for {_MAX_EMPTY_EPOCHS} epochs: every shard is bad or "
+                                    f"empty; {fix}")
                 self.epoch, self.ordinal, self.offset = self.epoch + 1, 0, 0
                 continue
             b = self.ordinal // self._plan.block
@@ -209,6 +215,10 @@ class PackedReader:
         self.advance(skip_before * seq_len)
         flat, doc_start = self.take(rows * seq_len)
         self.advance(skip_after * seq_len)
+        # `advance` can stop just past a document (or an epoch) without stepping over what follows; `take` does
+        # step over it. Settle here too, so every reader at one stream position reports the same cursor (DP
+        # ranks sharing a lane compare theirs when their states are merged).
+        self._current()
         shape = (rows, seq_len)
         return flat[:-1].reshape(shape), flat[1:].reshape(shape), doc_start.reshape(shape)
 

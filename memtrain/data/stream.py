@@ -76,15 +76,25 @@ def rank_pieces(batch_size: int, dp_rank: int, dp_size: int, lanes: int) -> list
 def merge_states(states: list[dict]) -> dict:
     """The job's data state from every rank's `state_dict()` (any order, any number of copies per DP rank):
     each lane's cursor is taken from the ranks that read it."""
+    if not states or any(not isinstance(s, dict) or s.get("version") != STATE_VERSION for s in states):
+        raise DataError(f"merge_states takes one or more data stream states of version {STATE_VERSION} (from "
+                        f"Stream.state_dict of this memtrain version)")
+    first = states[0]
+    for key in ("fingerprint", "windows"):
+        if any(s.get(key) != first.get(key) for s in states):
+            raise DataError(f"data stream states to merge differ in {key} ({first.get(key)!r} vs others): merge the "
+                            f"states of one job, saved at the same step")
+    if any(len(s["lanes"]) != len(first["lanes"]) for s in states):
+        raise DataError("data stream states to merge have different numbers of lanes: merge the states of one job")
     lanes = []
-    for lane in range(len(states[0]["lanes"])):
+    for lane in range(len(first["lanes"])):
         known = [s["lanes"][lane] for s in states if s["lanes"][lane] is not None]
         if not known:
             raise DataError(f"no rank reported the position of data lane {lane}: pass every DP rank's state")
-        if any(k != known[0] for k in known):
-            raise RuntimeError(f"ranks disagree on the position of data lane {lane}: {known}")
+        if any(k != known[0] for k in known):  # readers settle their cursors (PackedReader.windows): a bug
+            raise RuntimeError(f"ranks disagree on the position of data lane {lane}: {known} (a memtrain bug)")
         lanes.append(known[0])
-    return {**states[0], "lanes": lanes}
+    return {**first, "lanes": lanes}
 
 
 class _WorkerDataset(IterableDataset):
@@ -182,8 +192,9 @@ class Stream:
         dataset = _WorkerDataset(self, {"lanes": list(self._state["lanes"])})
         if self.cfg.num_workers == 0:
             return iter(dataset)
+        # a DataLoader item is one piece (one lane's rows): L of them make a batch
         loader = DataLoader(dataset, batch_size=None, num_workers=self.cfg.num_workers,
-                            prefetch_factor=self.cfg.prefetch_batches, persistent_workers=False)
+                            prefetch_factor=self.cfg.prefetch_batches * len(self.pieces), persistent_workers=False)
         return iter(loader)
 
     def __iter__(self) -> "Stream":

@@ -149,3 +149,38 @@ def test_each_shard_is_downloaded_by_one_rank(ds):
                 assert set(mine) == set(own), "a rank downloads exactly its lanes' shards"
                 fetched.update(set(mine))
         assert set(fetched.values()) == {copies} and len(fetched) == len(train)
+
+
+def test_ranks_sharing_a_lane_report_the_same_cursor_at_every_step(ds):
+    """Rank 0 ends its part of lane 1 with a skip, rank 1 with a read: where a document or the lane's epoch ends
+    on that boundary both must still name one position (else merging fails at that checkpoint)."""
+    two = [build_stream(cfg(ds, seq_len=4), dp_rank=r, dp_size=2) for r in range(2)]
+    one = build_stream(cfg(ds, 2 * B, seq_len=4))
+    for m in range(7000):  # long enough to cross such boundaries (first at 6633 before the fix)
+        step(two)
+        next(one)
+        if m % 50 == 0 or m > 6600:
+            assert merge_states([s.state_dict() for s in two]) == one.state_dict(), m
+
+
+def test_merge_refuses_states_of_different_jobs_or_steps(ds):
+    two = [build_stream(cfg(ds), dp_rank=r, dp_size=2) for r in range(2)]
+    step(two)
+    a = two[0].state_dict()
+    step(two)
+    with pytest.raises(DataError, match="differ in windows"):
+        merge_states([a, two[1].state_dict()])
+    with pytest.raises(DataError, match="one or more data stream states"):
+        merge_states([])
+
+
+def test_a_lane_whose_only_shard_is_bad_names_the_lane(ds, tmp_path):
+    import shutil
+    copy = tmp_path / "ds"
+    shutil.copytree(ds, copy)
+    bad = load_manifest(str(copy)).split("train")[4].file
+    (copy / bad).write_bytes((copy / bad).read_bytes()[:100])
+    s = build_stream(cfg(str(copy), 13, lanes=13, skip_bad_shards=True))
+    with pytest.raises(DataError, match=f"data lane 4 of 13 .*{bad}.*lower data.lanes") as e:
+        next(s)
+    assert "\n" not in str(e.value)
