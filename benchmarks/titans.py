@@ -72,7 +72,7 @@ def bench_speed(device, chunk_size, T=4096, H=4, D=64, ref_repeats=1, fast_repea
     t_fast = time_fwd_bwd(fast, inputs, state, fast_repeats, device)
     t_naive = time_fwd_bwd(naive, inputs, state, ref_repeats, device)
     t_recur = time_fwd_bwd(recur, inputs, state, ref_repeats, device)
-    backend = "triton" if device == "cuda" else "chunked"
+    backend = "chunked" if device == "cuda" else "fused"   # what backend="auto" picks
     emit(bench="linear_memory_speed", **cfg, fast_backend=backend, fast_s=round(t_fast, 5),
          naive_chunk_loop_s=round(t_naive, 4), per_token_recurrence_s=round(t_recur, 4),
          speedup_vs_naive_chunk_loop=round(t_naive / t_fast, 1),
@@ -126,7 +126,8 @@ def _reset_peak_rss():
 
 
 def memory_child(T, H, D, chunk_size, device):
-    """Runs in a fresh process: peak memory of one forward + backward of the chunked linear memory at length T."""
+    """Runs in a fresh process: peak memory of one forward + backward of the linear memory (backend="auto": fused on
+    CPU, chunked on CUDA) at length T."""
     dt = torch.float32
     inputs = [x.requires_grad_(True) for x in make_inputs(1, H, T, D, D, dtype=dt, device=device, theta_max=0.2)]
     state = [s.requires_grad_(True) for s in make_linear_state(1, H, D, D, dtype=dt, device=device)]

@@ -205,6 +205,20 @@ def test_fused_gradients_equal_spec_other_shapes(b, T, offset, depth, act):
         assert max_rel_err(g, r) < TOL, f"grad {i}: rel err {max_rel_err(g, r):.3e}"
 
 
+@pytest.mark.parametrize("b,T", [(4, 10), (4, 8)])
+def test_three_tuple_state_at_chunk_start_ignores_its_anchor(b, T, impl):
+    """chunk_offset 0: the first chunk's gradients are taken at the weights themselves (the spec resets the anchor
+    there), even if the state carries a different anchor (the fused loop used it before 2026-12-07)."""
+    inputs = _inputs(T, seed=43)
+    ws, ss = make_deep_state(B, H, DK, DV)
+    state = (ws, ss, tuple(w + 0.05 * torch.randn_like(w) for w in ws))
+    outs, grads = deep_grads(impl, inputs, state, b, 0)
+    outs_ref, grads_ref = deep_grads(_spec_adapter, inputs, (ws, ss), b, 0)
+    _assert_all_close(outs, outs_ref, what="outputs")
+    _assert_all_close(grads[:len(grads_ref)], grads_ref, what="grads")
+    assert all(g.abs().max().item() == 0.0 for g in grads[len(grads_ref):])
+
+
 @pytest.mark.parametrize("use", ["y", "state", "anchor"])
 def test_fused_gradients_of_each_output_alone(use):
     """Gradients reach the inputs from each output on its own (the others get no gradient at all)."""

@@ -16,13 +16,14 @@ next token falls into. Pass it back, with ``chunk_offset = tokens_seen % chunk_s
 exactly (one pass == chained passes, also when pieces end mid-chunk). With chunk_offset == 0 a 2-tuple suffices.
 The initial state is differentiable (learned M_0 expanded over the batch).
 
-Backends: "chunked" (chunk-parallel torch, any device; autograd gives the backward), "fused" (deep memory only:
-the same chunk loop as one autograd Function with a hand-written backward, :mod:`.deep_fused`), "triton" (CUDA, or
-CPU under TRITON_INTERPRET=1; linear: :mod:`.triton_linear`, forward + backward kernels; deep, depth 2/3:
-:mod:`.triton_deep` / :mod:`.triton_deep_bwd`, forward + backward kernels), "reference" (naive chunk loop). "auto": linear memory
-chunked everywhere, until the Triton kernel has passed its GPU parity tests (tests/kernels/test_titans_triton.py,
-marked gpu) and a benchmark on a GPU; deep memory Triton on CUDA (depth 2/3, where its on-chip state fits the
-device), fused elsewhere (docs/titans_kernels.md#triton-deep-memory-kernel).
+Backends: "chunked" (chunk-parallel torch, any device; autograd gives the backward), "fused" (the chunk loop as one
+autograd Function with a hand-written backward, :mod:`.deep_fused`; the linear memory runs as its one-layer case),
+"triton" (CUDA, or CPU under TRITON_INTERPRET=1; linear: :mod:`.triton_linear`, forward + backward kernels; deep,
+depth 2/3: :mod:`.triton_deep` / :mod:`.triton_deep_bwd`, forward + backward kernels), "reference" (naive chunk
+loop). "auto": linear memory fused on CPU (3x faster than chunked at the models' sizes:
+docs/titans_kernels.md#linear-memory-on-cpu) and chunked on CUDA, until the Triton kernel has passed its GPU parity
+tests (tests/kernels/test_titans_triton.py, marked gpu) and a benchmark on a GPU; deep memory Triton on CUDA (depth
+2/3, where its on-chip state fits the device), fused elsewhere (docs/titans_kernels.md#triton-deep-memory-kernel).
 
 Precision: bf16/fp16 inputs are computed in fp32 (the gate products, b×b carry matrices and the carried
 state lose most of their digits in bf16: 7e-2 relative error at T = 256), y is returned in the input
@@ -37,7 +38,7 @@ from typing import Optional
 import torch
 
 from .chunked import deep_memory_chunked, linear_memory_chunked
-from .deep_fused import deep_memory_fused
+from .deep_fused import deep_memory_fused, linear_memory_fused
 from .reference import deep_memory_naive_chunks, linear_memory_naive_chunks
 
 __all__ = ["linear_memory", "deep_memory", "init_deep_memory"]
@@ -83,9 +84,12 @@ def linear_memory(q, k, v, theta, eta, alpha, *, chunk_size: int, state=None, ch
     _check(q, k, v, theta, eta, alpha, chunk_size, chunk_offset)
     out_dtype = q.dtype
     q, k, v, theta, eta, alpha, state = _compute_precision(q, k, v, theta, eta, alpha, state)
-    if backend in ("auto", "fused"):  # "fused" is the deep memory's; the linear chunked loop is already lean
-        backend = "chunked"
+    if backend == "auto":
+        backend = "chunked" if q.is_cuda else "fused"
     kw = dict(chunk_size=chunk_size, state=state, chunk_offset=chunk_offset)
+    if backend == "fused":
+        y, state = linear_memory_fused(q, k, v, theta, eta, alpha, **kw)
+        return y.to(out_dtype), state
     if backend == "chunked":
         y, state = linear_memory_chunked(q, k, v, theta, eta, alpha, **kw)
         return y.to(out_dtype), state

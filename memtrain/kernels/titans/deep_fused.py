@@ -21,16 +21,17 @@ One chunk, G = B·H matrices, layers l = 0..L-1 with weights W_l `[G, d_{l+1}, d
     read-out r_0 = Q, ρ_l = β ⊙ r_l W_lᵀ + c ⊙ r_l S_lᵀ − (Cθ ⊙ r_l x_lᵀ) d_l, r_{l+1} = act(ρ_l), y = ρ_{L-1}
     boundary W_l ← β_L W_l + c_L S_l − d_lᵀ (u ⊙ x_l),  S_l ← a_L S_l − d_lᵀ (w ⊙ x_l)
 Wg (the weights the chunk's gradients are taken at) is the chunk-start W, except for a first chunk entered
-mid-way, where it is the anchor carried in the state.
+mid-way, where it is the anchor carried in the state. With one layer (no activation: z_0 is the output) this is
+the linear memory, which :func:`linear_memory_fused` runs through the same loop.
 """
 from __future__ import annotations
 
 import torch
 
 from .chunked import gate_coefficients, pad_to_chunks
-from .reference import _unpack_deep_state, activation, activation_grad
+from .reference import _unpack_deep_state, _unpack_linear_state, activation, activation_grad
 
-__all__ = ["deep_memory_fused"]
+__all__ = ["deep_memory_fused", "linear_memory_fused"]
 
 
 def _activation_grad2(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -238,6 +239,8 @@ def deep_memory_fused(q, k, v, theta, eta, alpha, state, *, chunk_size, chunk_of
         raise ValueError(f"chunk_offset must be in [0, {b}), got {p}")
     activation(q.new_zeros(()), act)  # an unknown activation fails here, not inside the backward
     Ws, Ss, Wa = _unpack_deep_state(state, p)
+    if not p:  # a chunk starts here: its gradients are taken at W itself, whatever anchor a 3-tuple carries
+        Wa = Ws
     B, H, T, _ = q.shape
     if T == 0:
         return v.new_zeros(v.shape), (Ws, Ss, Wa)
@@ -251,3 +254,18 @@ def deep_memory_fused(q, k, v, theta, eta, alpha, state, *, chunk_size, chunk_of
     new_W, new_S, last_wg = ([t.view(B, H, *t.shape[1:]) for t in out[1 + i * L:1 + (i + 1) * L]] for i in range(3))
     anchor = new_W if (p + T) % b == 0 else last_wg
     return y, (tuple(new_W), tuple(new_S), tuple(anchor))
+
+
+def linear_memory_fused(q, k, v, theta, eta, alpha, *, chunk_size, state=None, chunk_offset=0):
+    """The linear memory M(x) = W x as the one-layer case of :func:`deep_memory_fused` (the activation only acts
+    between layers, so one layer is exactly W x); the signature and results of
+    :func:`.chunked.linear_memory_chunked`: state None | (W, S) | (W, S, W_anchor), each `[B,H,Dv,Dk]`.
+
+    Why not the chunked form on CPU: autograd through it spent most of its time outside the matrix products
+    (state-sized `cat`s, ~100 small ops per call in its backward), and its boundary map costs O(Dk² Dv) per chunk
+    (`Wg @ P`, `P = Kᵀ diag(u) K`) where this loop goes through the keys, O(b Dk Dv). Forward + backward at
+    B 4, H 4, T 256, D 64, b 16 (fp32, 1 thread): 57 → 18 ms (docs/titans_kernels.md#linear-memory-on-cpu)."""
+    W, S, Wa = _unpack_linear_state(state, q, v, chunk_offset)
+    y, (Ws, Ss, As) = deep_memory_fused(q, k, v, theta, eta, alpha, ((W,), (S,), (Wa,)), chunk_size=chunk_size,
+                                        chunk_offset=chunk_offset)
+    return y, (Ws[0], Ss[0], As[0])

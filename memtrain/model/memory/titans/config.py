@@ -44,8 +44,8 @@ class TitansConfig:
     """Kernel width of the short depthwise causal convolution on the memory's q, k, v; 0 switches it off."""
 
     memory_backend: str = "auto"
-    """Memory kernel backend (memtrain/kernels/titans): auto, fused (deep memory: hand-written backward), chunked (autograd
-    through the dual form), triton (linear memory; deep memory of depth 2-3) or reference."""
+    """Memory kernel backend (memtrain/kernels/titans): auto, fused (hand-written backward; auto's choice on CPU),
+    chunked (autograd through the dual form), triton (linear memory; deep memory of depth 2-3) or reference."""
 
     theta_init: float = 0.001
     """Initial step size θ (sigmoid of the gate projection's bias); in (0, 1). Small on purpose: the loss is
