@@ -39,6 +39,8 @@ class Shapes:
     tp: int
     sp: int = 1
     """What the residual stream's D-wide tensors are divided by: tp under sequence parallelism, else 1."""
+    cuda: bool = False
+    """Whether the run is on a CUDA device: kernels that pick their path by device keep different tensors."""
 
     @property
     def N(self) -> int:
@@ -46,9 +48,10 @@ class Shapes:
 
 
 def shapes(cfg: ModelConfig, batch: int, seq_len: int, tp: int, cp: int = 1,
-           sequence_parallel: bool = False) -> Shapes:
+           sequence_parallel: bool = False, cuda: bool = False) -> Shapes:
     return Shapes(B=batch, T=seq_len // cp, P=cfg.num_meta_tokens, D=cfg.d_model, F=cfg.ffn_width,
-                  Hq=cfg.n_heads, Hkv=cfg.kv_heads, Dh=cfg.head_dim, tp=tp, sp=tp if sequence_parallel else 1)
+                  Hq=cfg.n_heads, Hkv=cfg.kv_heads, Dh=cfg.head_dim, tp=tp, sp=tp if sequence_parallel else 1,
+                  cuda=cuda)
 
 
 def attention(s: Shapes, n: int) -> float:

@@ -217,7 +217,8 @@ def _activations(cfg: Config, layout: Layout, stage: int, precision: str) -> dic
     activations in the backward under checkpointing, and the memory state (Titans weights, RMT tokens)."""
     m = cfg.model
     blocks, first, last = stage_layers(m, layout.pp, stage)
-    s = act.shapes(m, cfg.data.batch_size, cfg.data.seq_len, layout.tp, layout.cp, layout.sequence_parallel)
+    s = act.shapes(m, cfg.data.batch_size, cfg.data.seq_len, layout.tp, layout.cp, layout.sequence_parallel,
+                   cuda=resolve_precision(cfg)[0] == "cuda")
     a_bytes = 2.0 if precision in ("bf16", "fp16") else 4.0
     mode, interval = layout.checkpoint, cfg.parallel.activation_checkpoint_interval
     if layout.pp > 1 and interval:  # the pipeline engines recompute groups of `interval` blocks

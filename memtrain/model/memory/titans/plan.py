@@ -11,8 +11,12 @@ import math
 from memtrain.model.activations import SEL_MLP_D, SEL_MLP_F, Shapes, attention, mlp, sel_attention
 from memtrain.model.config import ModelConfig
 
-MEM_TOKEN, MEM_TOKEN_D = 23, 4               # per padded token x Hm*Dm (heads), x D (norm, output)
-MEM_STATE, MEM_INTRA = 8, 9                  # fp32: per chunk x one state per head; x b^2 per head
+# What the memory kernel keeps for the backward, by its path (memtrain/kernels/titans): (per padded token x Hm*Dm
+# (heads), per padded token x D (norm, output), fp32 states per chunk per head, fp32 b^2 per chunk per head).
+# "chunked" is autograd through the chunked form (CUDA's linear memory); "fused" the chunk loop with a hand-written
+# backward (CPU's choice; its inputs, gate coefficients and two states per chunk). Both fitted to what autograd keeps
+# on CPU (tests/unit/test_plan.py); the Triton kernels are assumed to keep what "fused" keeps (not measured).
+KEPT = {"chunked": (23, 4, 8, 9), "fused": (13, 4, 2, 4)}
 MAC_SEGMENT = 6                              # MAC: per text position x D (segment attention over [p | h | x], gate)
 STATE_LABEL = "Titans memory state"
 
@@ -26,16 +30,25 @@ def memory_state_elements(cfg: ModelConfig) -> int:
     return sum(dims[i] * dims[i + 1] for i in range(t.memory_depth))
 
 
+def kernel_path(cfg: ModelConfig, cuda: bool) -> str:
+    """The `KEPT` entry of the kernel `memory_backend` runs (the choice of "auto": memtrain/kernels/titans)."""
+    backend = cfg.titans.memory_backend
+    if backend == "auto":
+        backend = "chunked" if cuda and cfg.titans.memory_depth == 1 else "fused"
+    return "chunked" if backend in ("chunked", "reference") else "fused"
+
+
 def _memory(cfg: ModelConfig, s: Shapes, n: int) -> tuple[float, float]:
     """Titans memory over a stream of n tokens: (elements in the activation dtype, fp32 elements). The kernel pads
-    the stream to whole chunks and keeps one memory state (and momentum) per chunk in fp32."""
+    the stream to whole chunks and keeps memory states (and momenta) per chunk in fp32."""
     if n <= 0:
         return 0.0, 0.0
     t = cfg.titans
     b, hm, dm = t.chunk_size, t.memory_heads / s.tp, t.head_dim(cfg.d_model)
     chunks = math.ceil(n / b)
-    tokens = chunks * b * (MEM_TOKEN * hm * dm + MEM_TOKEN_D * s.D)
-    fp32 = MEM_STATE * chunks * hm * memory_state_elements(cfg) + MEM_INTRA * chunks * b * b * hm
+    token, token_d, state, intra = KEPT[kernel_path(cfg, s.cuda)]
+    tokens = chunks * b * (token * hm * dm + token_d * s.D)
+    fp32 = state * chunks * hm * memory_state_elements(cfg) + intra * chunks * b * b * hm
     return tokens, fp32
 
 
