@@ -25,7 +25,7 @@ variants/VARIANT/train.pt). Reports, on the "val" split of niah_single:
 schedule; nothing is written to RUN_DIR) and prints every K steps (the first needle batch of each K): loss / acc,
 gate means per layer, read-out norms, and memory vs attention gradient norms of that step's batch; `--save DIR`
 writes the trained model as a run directory the probe can read. `--set` applies experiment overrides (e.g.
-'model.titans.theta_init=0.01') to the trace run. `--patch retrieval_norm | gate_norm` applies one of the two
+'model.titans.theta_init=0.01') to the trace run. `--patch retrieval_norm | gate_norm | residual_input` applies one of the three
 candidate changes tested for issue 21 (functions below; give the same --patch when probing such a run). `--init`
 probes the untrained model of the run's seed. Results and discussion: docs/results/mac_needle/README.md.
 """
@@ -113,6 +113,29 @@ def patch_gate_norm(model) -> None:
         mem.gate_norm = RMSNorm(model.cfg.d_model, model.cfg.norm_eps)
         plain = type(mem).output.__get__(mem)
         mem.output = lambda y, plain=plain, mem=mem: mem.gate_norm(plain(y))
+
+
+def patch_residual_input() -> None:
+    """MAC memory written from the residual stream after attention, mem_norm(h + y), instead of mem_norm(y) (the
+    "next test" of docs/results/mac_needle/README.md): h's token-specific part reaches the memory's keys from the
+    first step, as it does in MAG. A pre-hook on each MAC block's `mem_norm` adds the segment's rows of the block
+    input h `[B, P + n, D]` to y `[B, l, D]`; segments arrive in order, so a running offset finds the rows."""
+    from memtrain.model.memory.titans.model import TitansBlock
+    plain = TitansBlock._mac
+
+    def _mac(self, h, state, seen):
+        if not hasattr(self, "_residual_hook"):
+            def add_residual(module, args, block=self):
+                y, at = args[0], block._residual_at
+                block._residual_at = at + y.shape[1]
+                return (y + block._residual[:, at:at + y.shape[1]].to(y.dtype),)
+            self._residual_hook = self.mem_norm.register_forward_pre_hook(add_residual)
+        self._residual, self._residual_at = h, self.num_prefix
+        try:
+            return plain(self, h, state, seen)
+        finally:
+            self._residual = None
+    TitansBlock._mac = _mac
 
 
 # ---- mutations (instance attributes / hooks; removed on exit) ------------------------------------------------
@@ -428,7 +451,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=0, help="--trace: stop after this many steps (default train.steps)")
     p.add_argument("--set", action="append", default=[], help="--trace: experiment override key=value")
     p.add_argument("--save", default=None, help="--trace: write the trained model as a run directory here")
-    p.add_argument("--patch", choices=["retrieval_norm", "gate_norm"], default=None,
+    p.add_argument("--patch", choices=["retrieval_norm", "gate_norm", "residual_input"], default=None,
                    help="a candidate fix: MAC retrieved tokens RMS-normalised (retrieval_norm) or the MAC output "
                         "gate's memory read-out RMS-normalised (gate_norm); give the same --patch to probe its run")
     p.add_argument("--init", action="store_true", help="probe the untrained model of the run's seed instead")
@@ -438,6 +461,8 @@ def main(argv=None) -> int:
     PATCH, INIT = args.patch, args.init
     if args.patch == "retrieval_norm":
         patch_retrieval_norm()
+    if args.patch == "residual_input":
+        patch_residual_input()
     res = trace(args) if args.trace else probe(args)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
