@@ -113,15 +113,29 @@ forward() {  # $1: the signal
   done
 }
 runner=""
-trap 'forward TERM' TERM
-trap 'forward INT' INT
+stopping=""  # the signal forwarded, once one came
+on_signal() { stopping="$1"; forward "$1"; }
+trap 'on_signal TERM' TERM
+trap 'on_signal INT' INT
 spawn=()
 command -v setsid > /dev/null && spawn=(setsid)
 "${spawn[@]}" "$python" -m deepspeed.launcher.runner "${args[@]}" --module memtrain.train "$@" &
 runner=$!
-status=0
-while :; do  # a trapped signal ends a wait early: wait again until the runner is gone, keep its own status
-  if wait "$runner"; then status=0; else status=$?; fi
-  kill -0 "$runner" 2>/dev/null || break
+# A trapped signal ends a wait early: wait again until the runner is gone. Once a signal was forwarded, send it
+# again every 30 s while the runner lives, so a rank that missed it (or was not yet visible in /proc) still stops;
+# a rank that already has it just finishes its save (the repeat only sets its stop flag again).
+waited=0
+while kill -0 "$runner" 2>/dev/null; do
+  if [ -z "$stopping" ]; then
+    wait "$runner" || true
+  else
+    sleep 1 & wait $! || true
+    waited=$((waited + 1))
+    # (locally only: over ssh the runner's own handler owns the ranks, and a second signal would make it kill them)
+    if [ $((waited % 30)) = 0 ] && { [ -z "$hostfile" ] || [ "$no_ssh" = 1 ]; } && kill -0 "$runner" 2>/dev/null; then
+      forward "$stopping"
+    fi
+  fi
 done
+if wait "$runner"; then status=0; else status=$?; fi  # the runner's own status (bash keeps it after it ended)
 exit "$status"

@@ -74,6 +74,8 @@ def test_sigterm_to_the_launcher_reaches_every_rank_which_saves_and_exits_75(tin
     finally:
         if launcher.poll() is None:
             launcher.kill()
+            for rank in _ranks_of(run):  # never leave ranks training for the rest of the suite
+                rank.kill()
     assert launcher.returncode == EXIT_STOPPED, out[-3000:]
     assert "stopped at step" in out and "--resume auto" in out, out[-3000:]
     from memtrain.train.checkpoint import list_checkpoints
