@@ -51,6 +51,12 @@ def _ranks_of(run_dir: Path) -> list[psutil.Process]:
     return found
 
 
+def _default_sigint() -> None:
+    """SIGINT as a terminal gives it. A job started in the background of a non-interactive shell (`cmd &`, as a CI
+    harness may start the suite) inherits SIGINT ignored, and a shell cannot trap a signal ignored at its entry."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["term-to-script", "ctrl-c-to-group"])
 def test_sigterm_to_the_launcher_reaches_every_rank_which_saves_and_exits_75(tiny_dataset, tmp_path, how):
@@ -60,7 +66,8 @@ def test_sigterm_to_the_launcher_reaches_every_rank_which_saves_and_exits_75(tin
     port = free_port()
     launcher = subprocess.Popen([*RUN, "--nproc", "2", "--master-port", str(port), "--",
                                  *args_for(tiny_dataset, run, 100000)], cwd=ROOT, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                                preexec_fn=_default_sigint)
     try:
         deadline = time.time() + 900
         while not (run / "metrics.jsonl").is_file() or len(read_metrics(run)) < 2:
