@@ -21,6 +21,10 @@
     thread: the work done, less distorted by other processes on a shared machine) and the matrix-product GFLOP of
     one forward + backward of each. Peak RSS growth of each worker from the built model on (first step, gradients
     and AdamW state included) is reported too.
+    The dense-only floor is measured in the same rounds (a third worker, `floor`): our model with the memory op
+    replaced by an elementwise one of the same inputs and outputs, so every dense layer (projections, attention,
+    SwiGLU, the memory's own projections) runs as in `ours` and only the memory's chunk loop is gone. peer / floor
+    is the most any memory kernel could reach against the peer with these dense layers (`--no-floor` skips it).
 """
 from __future__ import annotations
 
@@ -71,6 +75,21 @@ def _our_model(a: dict):
     return cfg, build_model(cfg)
 
 
+def _free_memory(q, k, v, theta, eta, alpha, *, chunk_size, state=None, chunk_offset=0, act="gelu",
+                 backend="auto"):
+    """The dense-only floor's stand-in for the memory op: y `[B, H, T, Dv]` from every input by one elementwise
+    expression (so every projection feeding the memory keeps its gradient), the state handed on unchanged."""
+    y = q * theta.unsqueeze(-1) + k * eta.unsqueeze(-1) + v * alpha.unsqueeze(-1)
+    if state is None:  # linear memory: (W, S) zeros [B, H, Dv, Dk]
+        import torch
+        W = torch.zeros(*q.shape[:2], v.shape[-1], q.shape[-1], dtype=q.dtype)
+        return y, (W, torch.zeros_like(W), W)
+    weights, momenta = state[0], state[1] if len(state) > 1 else None
+    if momenta is None:
+        momenta = tuple(w.new_zeros(w.shape) for w in weights)
+    return y, (weights, momenta, weights)
+
+
 def _peer_model(a: dict):
     from titans_pytorch import MemoryAsContextTransformer, MemoryMLP
     dh = a["dim"] // a["mem_heads"]
@@ -92,10 +111,14 @@ def worker(which: str, a: dict) -> None:
     import torch
     torch.set_num_threads(a["threads"])
     torch.manual_seed(0)
-    if which == "ours":
+    if which in ("ours", "floor"):
+        if which == "floor":
+            from memtrain.model.factory import SequenceOps
+            SequenceOps.linear_memory = SequenceOps.deep_memory = staticmethod(_free_memory)
         cfg, model = _our_model(a)
         config = dict(cfg.titans.__dict__, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
-                      ffn=cfg.ffn_width, num_meta_tokens=cfg.num_meta_tokens, memory="mac")
+                      ffn=cfg.ffn_width, num_meta_tokens=cfg.num_meta_tokens, memory="mac",
+                      **({"memory_op": "elementwise stand-in (dense-only floor)"} if which == "floor" else {}))
 
         def loss_of(tokens):
             return model(tokens[:, :-1], tokens[:, 1:]).loss
@@ -167,7 +190,7 @@ def _run(python: str, args: list[str], small_mmap: bool = False) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def bench_speed(a: dict, peer_python: str | None, rounds: int) -> None:
+def bench_speed(a: dict, peer_python: str | None, rounds: int, floor: bool = True) -> None:
     shape = dict(batch=a["batch"], seq_len=a["seq_len"], dim=a["dim"], depth=a["depth"], heads=a["heads"],
                  segment_len=a["segment_len"], chunk_size=a["chunk_size"],
                  peer_chunk_size=a["peer_chunk_size"], peer_ttt_batch=a["peer_ttt_batch"], mem_depth=a["mem_depth"], mem_heads=a["mem_heads"], mem_expansion=a["mem_expansion"], persist=a["persist"],
@@ -175,7 +198,8 @@ def bench_speed(a: dict, peer_python: str | None, rounds: int) -> None:
     wargs = ["--worker-args", json.dumps(a)]
     best, best_cpu, flops = {}, {}, {}
     for r in range(rounds):
-        for which, py in (("ours", sys.executable), ("peer", peer_python)):
+        for which, py in (("ours", sys.executable), ("floor", sys.executable if floor else None),
+                          ("peer", peer_python)):
             if py is None:
                 continue
             res = _run(py, ["--worker", which, *wargs])
@@ -195,9 +219,23 @@ def bench_speed(a: dict, peer_python: str | None, rounds: int) -> None:
              peer_tokens_per_s=round(tok / best["peer"], 1),
              speedup_vs_titans_pytorch=round(best["peer"] / best["ours"], 2),
              cpu_time_speedup=round(best_cpu["peer"] / best_cpu["ours"], 2),
-             matmul_gflop_ours=flops["ours"], matmul_gflop_peer=flops["peer"], target=">= 3x")
+             matmul_gflop_ours=flops["ours"], matmul_gflop_peer=flops["peer"], target=">= 3x",
+             **_floor_fields(best, best_cpu, flops))
     else:
-        emit(bench="mac_train_step_ratio", **shape, peer="not run: pass --peer-python (a venv with titans-pytorch)")
+        emit(bench="mac_train_step_ratio", **shape, peer="not run: pass --peer-python (a venv with titans-pytorch)",
+             **_floor_fields(best, best_cpu, flops))
+
+
+def _floor_fields(best: dict, best_cpu: dict, flops: dict) -> dict:
+    """The dense-only floor against ours and the peer: what the memory costs, and the bound on ours / peer."""
+    if "floor" not in best:
+        return {}
+    out = dict(floor_step_s=round(best["floor"], 4), matmul_gflop_floor=flops["floor"],
+               memory_share_of_ours=round(1 - best["floor"] / best["ours"], 3))
+    if "peer" in best:
+        out.update(ceiling_vs_titans_pytorch=round(best["peer"] / best["floor"], 2),
+                   cpu_time_ceiling=round(best_cpu["peer"] / best_cpu["floor"], 2))
+    return out
 
 
 # ---- (a) memory ----------------------------------------------------------------------------------------
@@ -280,7 +318,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768")
     ap.add_argument("--peer-max-len", type=int, default=8192, help="longest T of the peer's memory runs")
-    ap.add_argument("--worker", choices=["ours", "peer"], default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--no-floor", action="store_true", help="skip the dense-only floor (ours without the memory op)")
+    ap.add_argument("--worker", choices=["ours", "floor", "peer"], default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker-args", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -299,7 +338,7 @@ def main() -> None:
     emit(bench="environment", load_avg_1min=_load_avg(), cpus=os.cpu_count(), python=sys.executable,
          peer_python=args.peer_python)
     if args.only in (None, "speed"):
-        bench_speed(a, args.peer_python, args.rounds)
+        bench_speed(a, args.peer_python, args.rounds, floor=not args.no_floor)
     if args.only in (None, "memory"):
         bench_memory(a, [int(x) for x in args.lengths.split(",")], args.peer_python, args.peer_max_len)
 

@@ -84,7 +84,8 @@ def test_every_experiment_preset_loads(preset):
         assert cfg.variants and cfg.eval_lengths
 
 
-LM_TINY = ['experiment.variants=["window", "mag", "rmt"]', "experiment.tokens=2048", "experiment.eval_multiples=[1, 2]",
+LM_TINY = ['experiment.variants=["window", "mag", "rmt"]', "experiment.seeds=[0]", "experiment.jobs=1",
+           "experiment.tokens=2048", "experiment.eval_multiples=[1, 2]",
            "experiment.eval_sequences=2", "experiment.eval_piece=64", "experiment.buckets=4", "train.model.d_model=32",
            "train.model.n_layers=1", "train.model.window=16", "train.model.titans.segment_len=32",
            "train.model.rmt.segment_len=32", "train.model.rmt.num_memory=2", "train.data.seq_len=64",
@@ -109,7 +110,8 @@ def test_lm_quality_runs_and_resumes(tiny_dataset, tmp_path):
     first = run_lm_quality(run_dir, tiny_dataset)
     assert first.returncode == 0, first.stderr[-2000:]
     rows = list(csv.DictReader((run_dir / "results.csv").open()))
-    assert [(r["variant"], r["multiple"]) for r in rows] == [(v, m) for v in ("window", "mag", "rmt") for m in "12"]
+    assert [(r["variant"], r["seed"], r["multiple"]) for r in rows] == [(v, "0", m) for v in ("window", "mag", "rmt")
+                                                                       for m in "12"]
     for r in rows:
         by_position = json.loads(r["by_position"])
         assert len(by_position) == 4 and all(p > 1 for p in by_position)
@@ -117,15 +119,31 @@ def test_lm_quality_runs_and_resumes(tiny_dataset, tmp_path):
         assert abs(float(r["perplexity"]) - 2.718281828 ** float(r["loss"])) < 1e-2 * float(r["perplexity"])
     assert len({r["parameters"] for r in rows}) == 3  # the memories add their own parameters
     for v in ("window", "mag", "rmt"):
-        assert json.loads((run_dir / v / "summary.json").read_text())["steps"] == 8  # 2048 / (4 × 64)
+        assert json.loads((run_dir / v / "seed0" / "summary.json").read_text())["steps"] == 8  # 2048 / (4 × 64)
     assert "ppl @ 128 (2×)" in (run_dir / "results.md").read_text()
 
-    mtimes = {v: (run_dir / v / "summary.json").stat().st_mtime for v in ("window", "mag", "rmt")}
+    mtimes = {v: (run_dir / v / "seed0" / "summary.json").stat().st_mtime for v in ("window", "mag", "rmt")}
     second = run_lm_quality(run_dir, tiny_dataset, "experiment.eval_multiples=[1, 2, 4]", out=out)
     assert second.returncode == 0, second.stderr[-2000:]
     assert "training" not in second.stdout and second.stdout.count("perplexity") == 3  # only the 4x cells
-    assert mtimes == {v: (run_dir / v / "summary.json").stat().st_mtime for v in mtimes}
+    assert mtimes == {v: (run_dir / v / "seed0" / "summary.json").stat().st_mtime for v in mtimes}
     assert {p.name for p in out.iterdir()} == {"results.csv", "results.md", "perplexity.png", "by_position.png"}
+
+    # a second seed, two trainings at once: only seed 1 is trained and evaluated, the table gives mean and range
+    third = run_lm_quality(run_dir, tiny_dataset, "experiment.eval_multiples=[1, 2, 4]", "experiment.seeds=[0, 1]",
+                           "experiment.jobs=2")
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert third.stdout.count("training") == 3 and third.stdout.count("(seed 1) at") == 9
+    assert "(seed 0)" not in third.stdout and mtimes == {v: (run_dir / v / "seed0" / "summary.json").stat().st_mtime
+                                                         for v in mtimes}
+    rows = list(csv.DictReader((run_dir / "results.csv").open()))
+    assert sorted((r["variant"], r["seed"], r["multiple"]) for r in rows) == sorted(
+        (v, s, m) for v in ("window", "mag", "rmt") for s in "01" for m in "124")
+    assert len({(r["variant"], r["multiple"], r["loss"]) for r in rows}) == 18  # the seeds differ
+    report = (run_dir / "results.md").read_text()
+    window = next(line for line in report.splitlines() if line.startswith("| window | "))
+    ppl = [float(r["perplexity"]) for r in rows if r["variant"] == "window" and r["multiple"] == "4"]
+    assert f"{sum(ppl) / 2:.2f} ({min(ppl):.2f}–{max(ppl):.2f})" in window and window.split(" | ")[2] == "2"
 
     bad = run_lm_quality(run_dir, tiny_dataset, "train.optim.lr=0.5")
     assert bad.returncode == 2 and "other [train] settings" in bad.stderr and bad.stderr.count("\n") == 1

@@ -8,23 +8,27 @@ and the evaluation) and `[train]`, a whole trainer config (the keys of configs/*
 Each variant changes only the memory and the attention span (`VARIANTS`), so all share width, depth, data order and
 optimizer; `schedule.steps` is the budget in tokens over the tokens per step, the same for every variant.
 
-Every variant is trained by a `python -m memtrain.train` subprocess into RUN_DIR/<variant> (`--resume auto`: an
-interrupted run continues), then evaluated on the first `eval_sequences` held-out (val split) sequences of each
+Every (variant, seed) is trained by a `python -m memtrain.train` subprocess into RUN_DIR/<variant>/seed<s>
+(`--resume auto`: an interrupted run continues; `experiment.jobs` of them at once, each with cores / jobs threads),
+then evaluated on the first `eval_sequences` held-out (val split) sequences of each
 length `data.seq_len × m` for m in `eval_multiples` (the same text at every length: the longest sequences cut into
 shorter ones): mean next-token loss and perplexity, and the perplexity of each of `buckets` equal slices of
 positions (later positions should gain from memory). Stateful models (the memory's
 spec says so) read a sequence in pieces of `eval_piece` tokens with their state carried, the others in one call.
-RUN_DIR/results.csv is the resume record: a (variant, multiple) cell in it is not computed again.
+RUN_DIR/results.csv is the resume record (a row per variant, seed and length): a cell in it is not computed again.
+The seed changes the initialisation and the data order (the trainer's `seed`), the same for every variant.
 """
 from __future__ import annotations
 
 import csv
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,7 +48,7 @@ VARIANTS: dict[str, list[str]] = {
     "rmt": ['model.memory="rmt"'],
 }
 """Variant name -> trainer `--set` overrides on the [train] config."""
-FIELDS = ("variant", "parameters", "multiple", "length", "sequences", "loss", "perplexity", "by_position",
+FIELDS = ("variant", "seed", "parameters", "multiple", "length", "sequences", "loss", "perplexity", "by_position",
           "train_tokens", "train_seconds")
 
 
@@ -52,6 +56,13 @@ FIELDS = ("variant", "parameters", "multiple", "length", "sequences", "loss", "p
 class LMQualitySettings:
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
     """Variants trained and evaluated, in order (names of `VARIANTS`)."""
+
+    seeds: list[int] = field(default_factory=lambda: [0])
+    """Training seeds (each replaces the [train] table's `seed`): every variant is trained once per seed, and the
+    report gives the mean and the range over seeds."""
+
+    jobs: int = 1
+    """Trainings run at once; each gets max(1, CPU cores // jobs) threads. Evaluation follows each training."""
 
     tokens: int = 1_000_000
     """Training tokens per variant: schedule.steps = tokens / (data.seq_len × data.batch_size), rounded up."""
@@ -75,7 +86,9 @@ class LMQualitySettings:
         m = self.eval_multiples
         if not m or any(x < 1 for x in m) or sorted(set(m)) != m:
             raise ConfigError(f"experiment.eval_multiples must be increasing integers >= 1, got {m}")
-        for key in ("tokens", "eval_sequences", "eval_piece", "buckets"):
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"experiment.seeds must be distinct integers, at least one, got {self.seeds}")
+        for key in ("jobs", "tokens", "eval_sequences", "eval_piece", "buckets"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"experiment.{key} must be >= 1, got {getattr(self, key)}")
 
@@ -117,17 +130,20 @@ def _base_config(train_tree: dict, exp: LMQualitySettings, path: Path):
     return cfg
 
 
-def train(base: Path, run: Path, variant: str, steps: int) -> float:
-    """Train `variant` into `run` unless its summary shows `steps` steps done; returns training seconds."""
+def train(base: Path, run: Path, variant: str, seed: int, steps: int, threads: int) -> float:
+    """Train `variant` with `seed` into `run` (`threads` torch threads) unless its summary shows `steps` steps done;
+    returns training seconds."""
     summary = run / "summary.json"
     if not (summary.is_file() and json.loads(summary.read_text()).get("steps") == steps):
-        cmd = [sys.executable, "-m", "memtrain.train", "--config", str(base), "--run-dir", str(run), "--resume", "auto"]
+        cmd = [sys.executable, "-m", "memtrain.train", "--config", str(base), "--run-dir", str(run), "--resume", "auto",
+               "--set", f"seed={seed}"]
         for s in VARIANTS[variant]:
             cmd += ["--set", s]
-        print(f"[lm_quality] training {variant}: {steps} steps", flush=True)
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        print(f"[lm_quality] training {variant} (seed {seed}): {steps} steps", flush=True)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
-            raise ConfigError(f"training {variant} in {run} failed (exit {proc.returncode}): "
+            raise ConfigError(f"training {variant} (seed {seed}) in {run} failed (exit {proc.returncode}): "
                               f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}")
     # config.toml is written when the Trainer starts, summary.json when it ends (a resumed run: the last piece)
     return round(summary.stat().st_mtime - (run / "config.toml").stat().st_mtime, 1)
@@ -180,35 +196,36 @@ def read_rows(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     with path.open(newline="") as f:
-        return list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    if tuple(reader.fieldnames or ()) != FIELDS:  # appending would put values under other columns
+        raise ConfigError(f"{path} has the columns {reader.fieldnames}, not {list(FIELDS)} (an older version's run): "
+                          f"use another --run-dir")
+    return rows
 
 
 def run_experiment(preset: str | Path, run_dir: str | Path, out: str | Path | None = None,
                    overrides: list[str] = ()) -> Path:
-    """Train and evaluate every variant (resuming what exists); returns RUN_DIR/results.md."""
+    """Train and evaluate every variant and seed (resuming what exists); returns RUN_DIR/results.md."""
     exp, train_tree = load_preset(preset, overrides)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = _base_config(train_tree, exp, run_dir / "base.toml")
     results = run_dir / "results.csv"
-    done = {(r["variant"], int(r["multiple"])) for r in read_rows(results)}
-    for variant in exp.variants:
-        seconds = train(run_dir / "base.toml", run_dir / variant, variant, cfg.schedule.steps)
-        for m in exp.eval_multiples:
-            if (variant, m) in done:
-                continue
-            t0 = time.perf_counter()
-            row = {"variant": variant, **evaluate(run_dir / variant, cfg, exp, m),
-                   "train_tokens": cfg.schedule.steps * cfg.data.seq_len * cfg.data.batch_size * cfg.optim.grad_accum,
-                   "train_seconds": seconds}
-            new = not results.is_file()
-            with results.open("a", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=FIELDS)
-                if new:
-                    w.writeheader()
-                w.writerow(row)
-            print(f"[lm_quality] {variant} at {m}x: perplexity {row['perplexity']} "
-                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    done = {(r["variant"], int(r["seed"]), int(r["multiple"])) for r in read_rows(results)}
+    runs = [(v, s) for s in exp.seeds for v in exp.variants  # seed-major: the first seed's table fills first
+            if any((v, s, m) not in done for m in exp.eval_multiples)]
+    threads = max(1, (os.cpu_count() or 1) // exp.jobs)
+    torch.set_num_threads(threads)  # evaluation runs beside the other trainings
+    with ThreadPoolExecutor(max_workers=exp.jobs) as pool:
+        pending = {pool.submit(train, run_dir / "base.toml", run_dir / v / f"seed{s}", v, s, cfg.schedule.steps,
+                               threads): (v, s) for v, s in runs}
+        for future in (as_completed(pending) if exp.jobs > 1 else pending):
+            variant, seed = pending[future]
+            seconds = future.result()  # a failed training raises here; the running ones still finish and are kept
+            for m in exp.eval_multiples:
+                if (variant, seed, m) not in done:
+                    _evaluate_into(results, run_dir / variant / f"seed{seed}", cfg, exp, variant, seed, m, seconds)
     from .lm_quality_report import write_report
     written = write_report(read_rows(results), exp, cfg, run_dir, str(preset))
     if out is not None:
@@ -216,6 +233,23 @@ def run_experiment(preset: str | Path, run_dir: str | Path, out: str | Path | No
         for path in (results, *written):
             shutil.copyfile(path, Path(out) / path.name)
     return run_dir / "results.md"
+
+
+def _evaluate_into(results: Path, run: Path, cfg, exp: LMQualitySettings, variant: str, seed: int, multiple: int,
+                   seconds: float) -> None:
+    """Evaluate one cell and append its row to `results`."""
+    t0 = time.perf_counter()
+    row = {"variant": variant, "seed": seed, **evaluate(run, cfg, exp, multiple),
+           "train_tokens": cfg.schedule.steps * cfg.data.seq_len * cfg.data.batch_size * cfg.optim.grad_accum,
+           "train_seconds": seconds}
+    new = not results.is_file()
+    with results.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        if new:
+            w.writeheader()
+        w.writerow(row)
+    print(f"[lm_quality] {variant} (seed {seed}) at {multiple}x: perplexity {row['perplexity']} "
+          f"({time.perf_counter() - t0:.0f} s)", flush=True)
 
 
 def main_lm_quality(args) -> int:
