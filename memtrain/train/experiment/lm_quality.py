@@ -227,7 +227,8 @@ def run_experiment(preset: str | Path, run_dir: str | Path, out: str | Path | No
                 if (variant, seed, m) not in done:
                     _evaluate_into(results, run_dir / variant / f"seed{seed}", cfg, exp, variant, seed, m, seconds)
     from .lm_quality_report import write_report
-    written = write_report(read_rows(results), exp, cfg, run_dir, str(preset))
+    command = " ".join([str(preset), *(f"--set '{o}'" for o in overrides)])  # what the report was made with
+    written = write_report(read_rows(results), exp, cfg, run_dir, command)
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
         for path in (results, *written):
