@@ -66,7 +66,7 @@ def read(model, tokens: torch.Tensor, targets: torch.Tensor, piece: int, carry: 
 
 def probe(run_dir: Path, variant: str, seed: int, eval_piece: int) -> dict:
     from memtrain.model.memory import memory_spec
-    from memtrain.train.experiment.lm_quality import held_out
+    from memtrain.train.experiment.lm_quality import held_out, read_rows
     from memtrain.train.inspect.load import load_checkpoint_model
     from memtrain.train.configtree import build, read_toml
     from memtrain.train.config import Config
@@ -75,9 +75,11 @@ def probe(run_dir: Path, variant: str, seed: int, eval_piece: int) -> dict:
     model = load_checkpoint_model(run_dir / variant / f"seed{seed}").model
     if not memory_spec(model.cfg.memory).stateful:
         raise SystemExit(f"error: {variant} carries no state between calls: nothing to probe")
-    exp_longest, seq = _longest(run_dir), cfg.data.seq_len
+    rows, seq = read_rows(run_dir / "results.csv"), cfg.data.seq_len
+    exp_longest = max(int(r["length"]) for r in rows)  # the experiment's longest evaluation and its sequences
+    sequences = min(int(r["sequences"]) for r in rows if int(r["length"]) == exp_longest)
     model.cfg.max_seq_len = max(model.cfg.max_seq_len, exp_longest)
-    tokens, targets = held_out(cfg, exp_longest, exp_longest, _sequences(run_dir, exp_longest))
+    tokens, targets = held_out(cfg, exp_longest, exp_longest, sequences)
     out = {"variant": variant, "seed": seed, "length": exp_longest, "sequences": tokens.shape[0], "slice": seq}
     for name, piece, carry in (("carried_piece", eval_piece, True), ("carried_train", seq, True),
                                ("reset_train", seq, False)):
@@ -87,20 +89,6 @@ def probe(run_dir: Path, variant: str, seed: int, eval_piece: int) -> dict:
         if name == "carried_train" and norms and norms[0] is not None:
             out["memory_norm_after_piece"] = norms  # [piece][layer]
     return out
-
-
-def _rows(run_dir: Path) -> list[dict]:
-    import csv
-    with (run_dir / "results.csv").open(newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def _longest(run_dir: Path) -> int:
-    return max(int(r["length"]) for r in _rows(run_dir))
-
-
-def _sequences(run_dir: Path, longest: int) -> int:
-    return min(int(r["sequences"]) for r in _rows(run_dir) if int(r["length"]) == longest)
 
 
 def main() -> None:
