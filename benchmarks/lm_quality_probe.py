@@ -16,7 +16,9 @@ For each it prints the perplexity of every training-length slice of positions (s
 i·seq_len .. (i+1)·seq_len − 1). If the carried readings rise from slice to slice and the reset reading stays flat,
 what degrades is the state carried past the training length. Titans models also report, after each training-length
 piece of `carried_train`, the Frobenius norm of every layer's memory weights (mean over batch and heads; a deep
-memory: its first layer), which shows whether the carried memory grows past the range training saw.
+memory: its first layer), which shows whether the carried memory grows past the range training saw, and the mean
+gates θ, η, α per layer over the first training-length piece (fresh state), with what forgetting alone keeps of
+the memory over one training length.
 """
 from __future__ import annotations
 
@@ -88,7 +90,28 @@ def probe(run_dir: Path, variant: str, seed: int, eval_piece: int) -> dict:
                      "by_slice": [round(math.exp(float(c.mean())), 2) for c in losses.split(seq, dim=1)]}
         if name == "carried_train" and norms and norms[0] is not None:
             out["memory_norm_after_piece"] = norms  # [piece][layer]
+    gates = gate_means(model, tokens[:, :seq])
+    if gates is not None:
+        out["gates_first_train_piece"] = gates
     return out
+
+
+def gate_means(model, tokens: torch.Tensor) -> dict | None:
+    """Titans gates over `tokens` `[B, seq]` read from a fresh state (the regime training saw), per layer: the mean
+    θ, η, α over batch, heads and tokens, the geometric mean of 1 − α (the share of the memory forgetting keeps per
+    token) and its power seq (what forgetting alone keeps of the memory over one training length). None for a
+    model without Titans gates."""
+    from memtrain.train.inspect.gates import titans_gates
+    from memtrain.train.inspect.load import InspectError
+    try:
+        g = titans_gates(model, tokens)  # name -> [L, B, H, T]
+    except InspectError:
+        return None
+    log_keep = torch.log1p(-g["alpha"].double().clamp(max=1 - 1e-12)).mean(dim=(1, 2, 3))  # [L]
+    def sig(t: torch.Tensor, digits: int = 4) -> list[float]:
+        return [float(f"{float(x):.{digits}g}") for x in t]
+    return {name: sig(g[name].mean(dim=(1, 2, 3))) for name in ("theta", "eta", "alpha")} | {
+        "keep_per_token": sig(log_keep.exp(), 6), "keep_over_train_length": sig((log_keep * tokens.shape[1]).exp())}
 
 
 def main() -> None:

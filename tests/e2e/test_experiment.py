@@ -145,5 +145,23 @@ def test_lm_quality_runs_and_resumes(tiny_dataset, tmp_path):
     ppl = [float(r["perplexity"]) for r in rows if r["variant"] == "window" and r["multiple"] == "4"]
     assert f"{sum(ppl) / 2:.2f} ({min(ppl):.2f}–{max(ppl):.2f})" in window and window.split(" | ")[2] == "2"
 
+    # the stateful-variant probe reads this run: three readings of the longest text, MAG's memory norms and gates
+    probe = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "lm_quality_probe.py"), str(run_dir),
+                            "--variant", "mag", "--json", str(tmp_path / "probe.json")],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    (found,) = json.loads((tmp_path / "probe.json").read_text())
+    assert found["length"] == 256 and found["slice"] == 64
+    assert all(len(found[k]["by_slice"]) == 4 for k in ("carried_piece", "carried_train", "reset_train"))
+    assert found["carried_train"]["by_slice"][0] == found["reset_train"]["by_slice"][0]  # same first piece
+    assert len(found["memory_norm_after_piece"]) == 4
+    gates = found["gates_first_train_piece"]
+    assert all(0 < a < 1 for a in gates["alpha"]) and all(0 <= k <= 1 for k in gates["keep_over_train_length"])
+    assert all(abs(k ** 64 - t) <= 1e-3 * max(t, 1e-9) + 1e-6
+               for k, t in zip(gates["keep_per_token"], gates["keep_over_train_length"]))
+    stateless = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "lm_quality_probe.py"), str(run_dir),
+                                "--variant", "window"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert stateless.returncode != 0 and "carries no state" in stateless.stderr
+
     bad = run_lm_quality(run_dir, tiny_dataset, "train.optim.lr=0.5")
     assert bad.returncode == 2 and "other [train] settings" in bad.stderr and bad.stderr.count("\n") == 1
