@@ -200,7 +200,7 @@ def bench_speed(a: dict, peer_python: str | None, rounds: int, floor: bool = Tru
                  peer_chunk_size=a["peer_chunk_size"], peer_ttt_batch=a["peer_ttt_batch"], mem_depth=a["mem_depth"], mem_heads=a["mem_heads"], mem_expansion=a["mem_expansion"], persist=a["persist"],
                  threads=a["threads"], steps_per_round=a["steps"], rounds=rounds)
     wargs = ["--worker-args", json.dumps(a)]
-    best, best_cpu, flops, per_round = {}, {}, {}, {}
+    per_round, best_cpu, flops = {}, {}, {}  # per_round[impl]: best step of each round
     for r in range(rounds):
         for which, py in (("ours", sys.executable), ("floor", sys.executable if floor else None),
                           ("peer", peer_python)):
@@ -215,9 +215,9 @@ def bench_speed(a: dict, peer_python: str | None, rounds: int, floor: bool = Tru
                  peak_step_mib=res["peak_step_mib"], params=res["params"], load_avg=res["load_avg"],
                  **({"config": res["config"]} if r == 0 else {}))
             per_round.setdefault(which, []).append(s)
-            best[which] = min(best.get(which, float("inf")), s)
             best_cpu[which] = min(best_cpu.get(which, float("inf")), c)
             flops[which] = res["matmul_gflop"]
+    best = {which: min(steps) for which, steps in per_round.items()}
     if "peer" in best:
         tok = a["batch"] * a["seq_len"]
         emit(bench="mac_train_step_ratio", **shape, ours_tokens_per_s=round(tok / best["ours"], 1),
