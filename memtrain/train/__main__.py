@@ -25,7 +25,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
     from .checkpoint import CheckpointError
     from .rundir import RunDirError
-    return ConfigError, DataError, LayoutError, ModelConfigError, CheckpointError, RunDirError
+    from .trainer import TrainingDiverged
+    return ConfigError, DataError, LayoutError, ModelConfigError, CheckpointError, RunDirError, TrainingDiverged
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -5,7 +5,7 @@
     scalars = stats.collect()              # {"memory/layer0/theta_mean": ..., ...}; resets and deactivates
 
 A forward hook on each block's memory (memtrain/model/memory/titans/memory.py) sees its input x and recomputes the gates,
-θ, η, α = sigmoid(gates(x)) per token and memory head (`[B, n, Hl, 3]`), with the memory's own `gates` layer:
+θ, η, α = memory.gate_values(gates(x)) per token and memory head (`[B, n, Hl, 3]`), with the memory's own layers:
 the memory may fuse that projection with others (so a hook on `gates` alone would not fire), and calling the
 layer keeps ZeRO-3's parameter gathering in charge. Nothing runs while `active` is False (the hook returns at
 once), so only the steps that log pay: per memory call one [D -> 3·Hl] projection, a sigmoid and three
@@ -70,8 +70,8 @@ class GateStats:
                 state = args[1] if len(args) > 1 else kwargs.get("state")
                 if skip_meta and state is None:  # the meta-position call of a fresh sequence
                     return
-                with torch.no_grad():  # θ, η, α = sigmoid(gates(x)) per token and head: [B·n·Hl, 3]
-                    stats.add(torch.sigmoid(memory.gates(args[0]).float()).reshape(-1, 3))
+                with torch.no_grad():  # θ, η, α per token and head: [B·n·Hl, 3]
+                    stats.add(memory.gate_values(memory.gates(args[0]).float()).reshape(-1, 3))
             self._handles.append(block.memory.register_forward_hook(hook, with_kwargs=True))
 
     @classmethod

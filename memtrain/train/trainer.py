@@ -91,6 +91,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class TrainingDiverged(FloatingPointError):
+    """The training loss stopped being finite: the run stops with a one-line error (what to try, which checkpoint
+    is intact) instead of training on NaN."""
+
+
 class Trainer:
     """Owns the model, optimizer, schedule, stream and run directory of one training run."""
 
@@ -284,6 +289,14 @@ class Trainer:
             return self.cfg.data.seq_len
         return curriculum(self.cfg.model, self.step, self.cfg.data.seq_len)
 
+    def _divergence_message(self, loss: float) -> str:
+        """What went wrong at the step being trained, what to try, and which checkpoint is intact."""
+        hint = self.memory.divergence_hint(self.cfg.model)
+        saved = list_checkpoints(self.ckpt_root)
+        return (f"loss became {loss} at step {self.step + 1}: lower optim.lr or check the data"
+                + (f"; {hint}" if hint else "")
+                + (f"; newest intact checkpoint: {saved[-1]}" if saved else "; no checkpoint was written yet"))
+
     def train_step(self, batches: list, tokens: int | None = None) -> tuple[float, float]:
         """One optimizer step over `grad_accum` micro-batches cut to `tokens` (default: this step's curriculum
         length); returns (loss averaged over DP, grad norm)."""
@@ -349,7 +362,7 @@ class Trainer:
             n = self._tokens_this_step()  # of this step (a curriculum moves it with the step)
             loss, norm = self.train_step(batches, n)
             if not math.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss} at step {self.step}: lower optim.lr or check the data")
+                raise TrainingDiverged(self._divergence_message(loss))
             self.step += 1
             now = time.perf_counter()
             tokens = cfg.data.batch_size * n * self.layout.dp * cfg.optim.grad_accum

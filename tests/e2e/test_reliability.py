@@ -177,6 +177,16 @@ def test_refused_resume_writes_nothing_and_resume_trims_the_logs(tiny_dataset, t
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
 
 
+def test_a_diverging_run_stops_with_one_line_naming_the_step_and_the_intact_checkpoint(tiny_dataset, tmp_path):
+    run = tmp_path / "run"  # a learning rate of 1e30 makes the weights overflow within a few steps
+    proc = train(tiny_dataset, run, 20, "--set", "optim.lr=1e30", "--set", "optim.grad_clip=0",
+                 "--set", "checkpoint.every=1")
+    line = one_line_error(proc, "loss became", "lower optim.lr", "newest intact checkpoint")
+    failed = int(line.split(" at step ")[1].split(":")[0])
+    logged = [m["step"] for m in read_metrics(run) if "loss" in m]
+    assert logged == list(range(1, failed)) and f"step_{failed - 1:08d}" in line  # the step before is saved
+
+
 def test_unusable_run_directory_fails_before_the_model_is_built(tiny_dataset, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")

@@ -31,6 +31,8 @@ CASES = {
     "mag_deep": dict(memory="mag", num_meta_tokens=2, window=6,
                      titans=TitansConfig(**{**TITANS, **DEEP, "memory_expansion": 1.5})),
     "mal": dict(memory="mal", window=6, global_layers=[-1], tie_embeddings=True, titans=TitansConfig(**TITANS)),
+    # θ, η bounded (model.titans.theta_max / eta_max): the export must scale its gates alike
+    "mag_bounded": dict(memory="mag", window=6, titans=TitansConfig(**TITANS, theta_max=0.01, eta_max=0.95)),
     "mal_deep_silu": dict(memory="mal", num_meta_tokens=1,
                           titans=TitansConfig(**{**TITANS, **DEEP, "memory_depth": 3, "memory_act": "silu"})),
 }

@@ -103,6 +103,10 @@ class MemorySpec:
     """(L, config key) when text runs in segments of L tokens on an absolute grid: training lengths and context-
     parallel slices must hold whole segments. None: any length."""
 
+    divergence_hint: Callable[[ModelConfig], str | None] = _none
+    """(cfg) -> what to try, added to the error when the training loss stops being finite; None: no hint beyond
+    the learning rate and the data."""
+
     # ---- cost (memtrain/train/flops.py) --------------------------------------------------------------
     attention_keys: Callable[[ModelConfig, int, int], int | None] = _no_keys
     """(cfg, layer, seq_len) -> keys a position attends to in that layer; None: the plain decoder's count."""

@@ -103,6 +103,9 @@ class MemtrainNeuralMemory(nn.Module):
         Dh = c["memory_head_dim"] or D // H
         self.heads, self.head_dim, self.chunk_size = H, Dh, c["chunk_size"]
         self.act, self.conv_size = c["memory_act"], c["conv_size"]
+        # θ = theta_max·sigmoid, η = eta_max·sigmoid (exports made before the bounds existed have none: 1)
+        self.gate_max = (c.get("theta_max", 1.0), c.get("eta_max", 1.0), 1.0)
+        self.gate_init = (c.get("theta_init", 0.001), c.get("eta_init", 0.9), c.get("alpha_init", 0.01))
         self.query = nn.Linear(D, H * Dh, bias=False)
         self.kv = nn.Linear(D, H * 2 * Dh, bias=False)
         self.gates = nn.Linear(D, H * 3, bias=True)
@@ -144,7 +147,8 @@ class MemtrainNeuralMemory(nn.Module):
         q = F.normalize(F.silu(z[..., :H * Dh].view(B, n, H, Dh)), dim=-1).transpose(1, 2)
         kv = z[..., H * Dh:].view(B, n, H, 2, Dh).transpose(1, 2)
         k, v = F.normalize(F.silu(kv[..., 0, :]), dim=-1), kv[..., 1, :]
-        g = torch.sigmoid(self.gates(x)).view(B, n, H, 3).permute(3, 0, 2, 1)  # [3, B, H, n]
+        g = torch.sigmoid(self.gates(x)).view(B, n, H, 3) * x.new_tensor(self.gate_max)
+        g = g.permute(3, 0, 2, 1)  # [3, B, H, n]
         y, (Ws, Ss, anchor, seen) = memory_update(q, k, v, g[0], g[1], g[2], (Ws, Ss, anchor, seen),
                                                   self.chunk_size, self.act)
         return self.output(y), (Ws, Ss, anchor, conv, seen)
@@ -287,7 +291,7 @@ def titans_forward(model: nn.Module, ids: torch.Tensor, state):
 
 def init_titans_weights(module: nn.Module, std: float) -> None:
     """Initial values of the memory's own parameters for a fresh (untrained) model: M_0 with std 1/sqrt(fan_in),
-    conv close to the identity, gate biases at memtrain's defaults (theta 0.1, eta 0.9, alpha 0.01)."""
+    conv close to the identity, gate biases giving the config's theta_init, eta_init, alpha_init."""
     if isinstance(module, MemtrainNeuralMemory):
         for w in module.init_weights:
             nn.init.normal_(w, std=1.0 / math.sqrt(w.shape[-1]))
@@ -296,6 +300,6 @@ def init_titans_weights(module: nn.Module, std: float) -> None:
                 nn.init.normal_(p, std=std)
                 with torch.no_grad():
                     p[:, -1] += 1.0
-        bias = torch.tensor([math.log(p / (1 - p)) for p in (0.1, 0.9, 0.01)])
+        bias = torch.tensor([math.log(p / (top - p)) for p, top in zip(module.gate_init, module.gate_max)])
         with torch.no_grad():
             module.gates.bias.copy_(bias.repeat(module.heads))

@@ -1,7 +1,7 @@
 """Titans gates θ (step size), η (momentum) and α (forgetting) along the text, captured by hooks.
 
 Each `TitansBlock` has a `memory` (memtrain/model/memory/titans/memory.py) whose `gates` column layer gives, per token and memory
-head, θ, η, α = sigmoid(gates(x)) viewed as `[B, n, H, 3]`. A forward hook on that layer keeps its outputs; the model
+head, θ, η, α = memory.gate_values(gates(x)), `[B, n, H, 3]`. A forward hook on that layer keeps its outputs; the model
 code is untouched. MAG / MAL / LMM blocks call the memory first on the P meta positions (when P > 0), then on the
 text; MAC blocks call it once per segment on the text's attention outputs. The text calls are joined along n.
 """
@@ -23,11 +23,8 @@ def titans_gates(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, torch.T
     calls: list[list[torch.Tensor]] = [[] for _ in blocks]
     handles = []
     for i, block in enumerate(blocks):
-        heads = block.memory.heads
-
-        def hook(module, args, output, i=i, heads=heads):
-            B, n, _ = output.shape
-            calls[i].append(torch.sigmoid(output.detach().float()).view(B, n, heads, 3))
+        def hook(module, args, output, i=i, memory=block.memory):
+            calls[i].append(memory.gate_values(output.detach().float()))  # [B, n, H, 3]
         handles.append(block.memory.gates.register_forward_hook(hook))
     try:
         model(ids)

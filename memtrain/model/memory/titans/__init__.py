@@ -87,12 +87,23 @@ def _describe(cfg) -> str:
             f"test time; `generate()` carries the memory state in its cache")
 
 
+def _divergence_hint(cfg: ModelConfig) -> str | None:
+    """The chunked memory can grow without bound once training raises θ or η (docs/titans.md#stability)."""
+    t = cfg.titans
+    if t.chunk_size == 1 or (t.theta_max < 1.0 or t.eta_max < 1.0):
+        return None
+    return ("the Titans memory may have diverged (unbounded gates with chunk_size > 1): bound them, e.g. "
+            "--set model.titans.theta_max=0.003 --set model.titans.eta_max=0.95 for chunk_size 16 "
+            "(docs/titans.md#stability)")
+
+
 _COMMON = MemorySpec(
     name="lmm",
     summary="Titans LMM: the neural memory alone (no attention), memory MLP updated at test time",
     model="memtrain.model.memory.titans.model:TitansDecoderLM",
     settings="titans",
     check=lambda cfg: cfg.titans.validate(cfg),
+    divergence_hint=_divergence_hint,
     stateful=True,
     attention_keys=lambda cfg, layer, seq_len: 0,
     memory_flops_per_token=memory_flops_per_token,

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ...errors import ModelConfigError
+from .stability import max_chunk_growth
 
 if TYPE_CHECKING:  # only for the annotation: config.py imports this module
     from ...config import ModelConfig
@@ -48,7 +49,7 @@ class TitansConfig:
     chunked (autograd through the dual form), triton (linear memory; deep memory of depth 2-3) or reference."""
 
     theta_init: float = 0.001
-    """Initial step size θ (sigmoid of the gate projection's bias); in (0, 1). Small on purpose: the loss is
+    """Initial step size θ (theta_max · sigmoid of the gate projection's bias); in (0, theta_max). Small on purpose: the loss is
     ‖M(k) − v‖² summed over the head width (no 1/Dh), and all gradients of a chunk are taken at the chunk-start
     memory, so with momentum η one chunk of b similar keys moves M by about 2θ·b/(1 − η) times its error; much
     above 1 the memory overshoots and diverges (θ = 0.1 gave |M(q)| ~ 1e20 and NaN logits within 512 tokens of a
@@ -56,7 +57,16 @@ class TitansConfig:
     memory (tests/unit/test_titans_model.py); the learned gate can still raise θ per token in training."""
 
     eta_init: float = 0.9
-    """Initial momentum η; in (0, 1)."""
+    """Initial momentum η; in (0, eta_max)."""
+
+    theta_max: float = 1.0
+    """Upper bound of the step size: θ = theta_max·sigmoid(gates(x)), so θ < theta_max (and theta_init < theta_max).
+    1 leaves θ unbounded in (0, 1). Together with eta_max it keeps the chunked update from overshooting: with b > 1 a
+    learned θ or η can reach a region where the memory grows every chunk (docs/titans.md#stability). Bounds below 1
+    are checked: the worst case over the box they allow must not grow (memtrain/model/memory/titans/stability.py)."""
+
+    eta_max: float = 1.0
+    """Upper bound of the momentum: η = eta_max·sigmoid(gates(x)); 1 leaves η unbounded in (0, 1). See theta_max."""
 
     alpha_init: float = 0.01
     """Initial forgetting α; in (0, 1)."""
@@ -88,6 +98,17 @@ class TitansConfig:
         if self.memory_backend == "triton" and self.memory_depth > 3:
             raise ModelConfigError("model.titans.memory_backend='triton' has deep-memory kernels for depth 2 and 3 "
                                    f"only (model.titans.memory_depth={self.memory_depth}); use auto or fused")
-        for name in ("theta_init", "eta_init", "alpha_init"):
-            if not 0.0 < getattr(self, name) < 1.0:
-                raise ModelConfigError(f"model.titans.{name} must lie in (0, 1), got {getattr(self, name)}")
+        for name in ("theta_max", "eta_max"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ModelConfigError(f"model.titans.{name} must lie in (0, 1], got {getattr(self, name)}")
+        for name, top in (("theta_init", self.theta_max), ("eta_init", self.eta_max), ("alpha_init", 1.0)):
+            if not 0.0 < getattr(self, name) < top:
+                bound = "1" if top == 1.0 else f"{name.replace('init', 'max')}={top}"
+                raise ModelConfigError(f"model.titans.{name} must lie in (0, {bound}), got {getattr(self, name)}")
+        if self.theta_max < 1.0 or self.eta_max < 1.0:  # bounds were chosen: they must do their job
+            growth = max_chunk_growth(self.theta_max, self.eta_max, self.chunk_size)
+            if growth > 1.0 + 1e-9:
+                raise ModelConfigError(
+                    f"model.titans.theta_max={self.theta_max} and eta_max={self.eta_max} let the memory grow by "
+                    f"{growth:.3f}x per chunk of chunk_size={self.chunk_size} tokens (docs/titans.md#stability): "
+                    f"lower them (e.g. theta_max=0.003 with eta_max=0.95 at chunk_size 16) or the chunk size")

@@ -1,7 +1,7 @@
 """The Titans neural long-term memory as a layer (Titans §3.1, eqs. 8-15; docs/titans_kernels.md#the-memory-exactly).
 
     x [B, n, D] --query, kv (columns)--> [short depthwise causal conv] --> q, k = ℓ2norm(SiLU(.)), v   per head
-    x [B, n, D] --gates (column)--> θ, η, α = sigmoid(.)                                          per token, per head
+    x [B, n, D] --gates (column)--> θ, η, α = max·sigmoid(.) (max = theta_max, eta_max, 1)      per token, per head
     y = M_t(q_t) after the update of token t (memtrain.kernels.titans.linear_memory / deep_memory)          [B, H, n, Dh]
     out = y --out (row)--> [B, n, D]
 
@@ -92,8 +92,11 @@ class TitansMemory(nn.Module):
         self.query = factory.column(cfg.d_model, H * Dh, std=cfg.init_std, sequence_parallel=sp)
         self.kv = factory.column(cfg.d_model, H * 2 * Dh, std=cfg.init_std, sequence_parallel=sp)
         self.gates = factory.column(cfg.d_model, H * 3, std=cfg.init_std, bias=True, sequence_parallel=sp)
-        with torch.no_grad():  # sigmoid(bias) = the configured initial gates (zero bias would forget half per token)
-            bias = torch.tensor([_logit(t.theta_init), _logit(t.eta_init), _logit(t.alpha_init)])
+        # θ, η bounded by theta_max, eta_max (docs/titans.md#stability); a bound of 1 is no bound (skipped)
+        self.gate_max = (t.theta_max, t.eta_max, 1.0)
+        with torch.no_grad():  # gate_max·sigmoid(bias) = the configured initial gates (zero bias forgets half per token)
+            bias = torch.tensor([_logit(t.theta_init / t.theta_max), _logit(t.eta_init / t.eta_max),
+                                 _logit(t.alpha_init)])
             self.gates.bias.copy_(bias.repeat(self.heads).to(self.gates.bias))
         if self.conv_size:
             # Starts close to the identity (tap on the current token = 1): the conv is an optional refinement.
@@ -148,6 +151,14 @@ class TitansMemory(nn.Module):
         else:
             z = torch.cat([self.query(x), self.kv(x)], dim=-1)
         return z, self.gates(x)
+
+    def gate_values(self, gate_logits: torch.Tensor) -> torch.Tensor:
+        """θ, η, α from the gates layer's output: `[B, n, 3·Hl]` -> `[B, n, Hl, 3]` (θ, η, α last), each
+        gate_max·sigmoid(logit). The one place the gates are formed (training, statistics and inspection read it)."""
+        g = torch.sigmoid(gate_logits).unflatten(-1, (self.heads, 3))
+        if self.gate_max != (1.0, 1.0, 1.0):
+            g = g * g.new_tensor(self.gate_max)
+        return g
 
     def project_query(self, x: torch.Tensor) -> torch.Tensor:
         """Queries only, without the conv (MAC retrieval: a pointwise read): x `[B, n, D]` -> `[B, Hl, n, Dh]`."""
@@ -208,7 +219,7 @@ class TitansMemory(nn.Module):
         kv = z[..., Hl * Dh:].view(B, n, Hl, 2, Dh).transpose(1, 2)
         k = F.normalize(F.silu(kv[..., 0, :]), dim=-1)
         v = kv[..., 1, :]
-        g = torch.sigmoid(gate_logits).view(B, n, self.heads, 3).permute(3, 0, 2, 1)  # [3, B, Hl, n]
+        g = self.gate_values(gate_logits).permute(3, 0, 2, 1)  # [3, B, Hl, n]
         kernel = seq.linear_memory if self.depth == 1 else seq.deep_memory
         kw = dict(chunk_size=self.chunk_size, state=state.memory, chunk_offset=state.seen % self.chunk_size,
                   backend=self.backend)
