@@ -25,7 +25,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
     from .checkpoint import CheckpointError
     from .rundir import RunDirError
-    from .trainer import TrainingDiverged
+    from .errors import TrainingDiverged
     return ConfigError, DataError, LayoutError, ModelConfigError, CheckpointError, RunDirError, TrainingDiverged
 
 

@@ -32,6 +32,7 @@ from .rundir import RunDirError, claim_run_dir, trim_metrics
 from .config import Config, ConfigError
 from .configtree import to_toml
 from .engines import build_engine
+from .errors import TrainingDiverged
 
 
 def resolve_device(name: str) -> torch.device:
@@ -89,11 +90,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class TrainingDiverged(FloatingPointError):
-    """The training loss stopped being finite: the run stops with a one-line error (what to try, which checkpoint
-    is intact) instead of training on NaN."""
 
 
 class Trainer:
