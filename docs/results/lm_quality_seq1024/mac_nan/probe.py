@@ -1,4 +1,6 @@
-"""The probe that located MAC's NaN at 1,024-token training (a record of how the two jsonl files here were made).
+"""The probe that located MAC's NaN at 1,024-token training (a record of how the two jsonl files here were made:
+they were written by a draft of this file with the same statistics and /tmp output paths; this copy was tidied and
+not run again).
 
 Loaded as a plugin into the resumed seed-0 run (the config written by the lm_quality experiment, seed 0, MAC):
 
