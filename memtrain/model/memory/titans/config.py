@@ -49,12 +49,14 @@ class TitansConfig:
     chunked (autograd through the dual form), triton (linear memory; deep memory of depth 2-3) or reference."""
 
     theta_init: float = 0.001
-    """Initial step size θ (theta_max · sigmoid of the gate projection's bias); in (0, theta_max). Small on purpose: the loss is
-    ‖M(k) − v‖² summed over the head width (no 1/Dh), and all gradients of a chunk are taken at the chunk-start
-    memory, so with momentum η one chunk of b similar keys moves M by about 2θ·b/(1 − η) times its error; much
-    above 1 the memory overshoots and diverges (θ = 0.1 gave |M(q)| ~ 1e20 and NaN logits within 512 tokens of a
-    fresh MAC model; 0.01 diverged at chunk 64). 0.001 stays bounded for chunk sizes 16 to 256, linear and deep
-    memory (tests/unit/test_titans_model.py); the learned gate can still raise θ per token in training."""
+    """Initial step size θ (theta_max·sigmoid of the gate projection's bias); in (0, theta_max). Small on purpose
+    for chunk_size > 1: the loss is ‖M(k) − v‖² summed over the head width (no 1/Dh), and all gradients of a chunk
+    are taken at the chunk-start memory, so with momentum η one chunk of b similar keys moves M by about
+    2θ·b/(1 − η) times its error; much above 1 the memory overshoots and diverges (θ = 0.1 gave |M(q)| ~ 1e20 and
+    NaN logits within 512 tokens of a fresh MAC model; 0.01 diverged at chunk 64). 0.001 stays bounded for chunk
+    sizes 16 to 256, linear and deep memory (tests/unit/test_titans_model.py); the learned gate can still raise θ
+    per token in training (docs/titans.md#stability). With chunk_size 1 no θ < 1 overshoots, and a large θ (the
+    long-context preset's 0.1) lets one token write strongly."""
 
     eta_init: float = 0.9
     """Initial momentum η; in (0, eta_max)."""
