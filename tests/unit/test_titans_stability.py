@@ -101,12 +101,13 @@ def test_bad_bounds_are_one_line_errors(titans, match):
 def test_default_bounds_are_not_checked_and_change_nothing():
     _cfg(chunk_size=4).validate()  # θ, η unbounded: every existing config keeps its meaning
     torch.manual_seed(0)
-    plain = build_model(_cfg()).double()
-    torch.manual_seed(0)
-    bounded = build_model(_cfg(theta_max=1.0, eta_max=1.0)).double()
-    ids = torch.randint(0, 40, (2, 19))
-    with torch.no_grad():
-        assert torch.equal(plain(ids).logits, bounded(ids).logits)
+    memory = build_model(_cfg()).double().blocks[0].memory
+    # the gates before the bounds existed: sigmoid(logits) with the bias at logit(init)
+    bias = memory.gates.bias.detach().view(-1, 3)
+    torch.testing.assert_close(torch.sigmoid(bias), torch.tensor([[0.001, 0.9, 0.01]], dtype=torch.float64)
+                               .expand_as(bias), rtol=1e-6, atol=0)
+    logits = memory.gates(torch.randn(2, 19, 16, dtype=torch.float64))
+    assert torch.equal(memory.gate_values(logits), torch.sigmoid(logits).unflatten(-1, (memory.heads, 3)))
 
 
 def test_a_diverging_run_is_told_about_the_bounds():
