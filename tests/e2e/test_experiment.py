@@ -17,7 +17,8 @@ TINY = ['variants=["window", "rmt", "lmm"]', 'tasks=["niah_single", "qa1"]', "tr
         "eval_multiples=[1, 2]", "perf_multiples=[1, 2]", "eval_examples=4", "eval_batch=4", "eval_piece=64",
         "perf_repeats=1", "model.d_model=32", "model.n_layers=1", "model.rmt.segment_len=32",
         "model.titans.segment_len=32", "train.steps=3", "train.batch_size=4", "train.log_every=1",
-        "train.checkpoint_every=2", "train.warmup_steps=1", "train.curriculum=[[0, 48], [2, 64]]"]
+        "train.checkpoint_every=2", "train.warmup_steps=1", "train.curriculum=[[0, 48], [2, 64]]",
+        "train.one_segment_steps=1"]
 
 
 def run(run_dir: Path, *extra: str, out: Path | None = None) -> subprocess.CompletedProcess:

@@ -14,7 +14,8 @@ from memtrain.data.errors import DataError
 from memtrain.data.tasks.symbolic import (ID, ROOM_IDS, SYMBOLIC_TASKS, VALUE_IDS, VOCAB, chance, decode, encode,
                                  symbolic_batch, symbolic_example)
 from memtrain.train.configtree import ConfigError, field_docs
-from memtrain.train.experiment.config import LongContextConfig, TrainSettings, load_experiment_config, variant_model
+from memtrain.train.experiment.config import (LongContextConfig, TrainSettings, VariantSettings, load_experiment_config,
+                                              variant_model)
 from memtrain.train.experiment.report import markdown_table
 from memtrain.train.experiment.training import lr_at, train_length
 
@@ -23,7 +24,7 @@ PRESET = ROOT / "configs" / "experiments" / "long_context.toml"
 
 
 def test_every_field_has_a_docstring():
-    for cls in (LongContextConfig, TrainSettings):
+    for cls in (LongContextConfig, TrainSettings, VariantSettings):
         missing = [f.name for f in dataclasses.fields(cls) if f.name not in field_docs(cls)]
         assert not missing, f"{cls.__name__} fields without docstring: {missing}"
 
@@ -58,6 +59,12 @@ def test_preset_loads_and_variants_share_width_and_depth():
     ("train.curriculum=[[0, 32], [10, 128]]", "do not fit 32 tokens"),
     ("bogus=1", "unknown config key 'bogus'"),
     ("model.titans.alpha_init=2.0", "model.titans.alpha_init must lie in (0, 1)"),
+    ('variant_settings.rmt=["windw=0"]', "variant_settings.rmt: unknown config key 'model.windw'"),
+    ("variant_settings.rmt=['memory=\"mac\"']", "variant_settings.rmt: memory is what the variant itself sets"),
+    ('variant_settings.rmt=["rmt.num_memory=0"]', "variant rmt with variant_settings.rmt="),
+    ('variant_settings.lstm=["window=0"]', "unknown config key 'variant_settings.lstm'"),
+    ("train.one_segment_steps=600", "train.one_segment_steps=600 must lie in [0, train.steps=600)"),
+    ("train.one_segment_steps=-2", "must lie in [0, train.steps=600)"),
 ])
 def test_bad_values_are_one_line_errors(override, words):
     with pytest.raises(ConfigError) as e:
@@ -123,7 +130,8 @@ def test_chance_levels():
 
 def test_schedule_and_curriculum():
     cfg = load_experiment_config(PRESET, ["train.steps=100", "train.warmup_steps=10",
-                                          "train.curriculum=[[0, 64], [50, 128]]"])
+                                          "train.curriculum=[[0, 64], [50, 128]]",
+                                          "train.one_segment_steps=0"])
     assert lr_at(0, cfg) == pytest.approx(cfg.train.lr / 10) and lr_at(9, cfg) == pytest.approx(cfg.train.lr)
     assert lr_at(100, cfg) == pytest.approx(cfg.train.lr / 10)
     assert train_length(0, cfg) == 64 and train_length(49, cfg) == 64 and train_length(50, cfg) == 128

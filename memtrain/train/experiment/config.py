@@ -7,6 +7,7 @@ is derived from it by `variant_model` so all have the same width and depth and d
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,11 +51,46 @@ class TrainSettings:
     longer: RMT's curriculum over segments, and for Titans memories less interference while they learn to write),
     e.g. [[0, 32], [150, 64], [300, 128]]; the last length must be train_len; empty = train_len throughout."""
 
+    one_segment_steps: int = 0
+    """Steps during which a memory that runs in segments (RMT, MAC) takes each training example as one segment
+    (segment length = the example's length at that step), so attention alone can answer and learns to find the
+    answer; from this step on it trains with its own segments and the memory has to carry the answer. Without it
+    RMT and MAC can stay at the answer prior (docs/results.md#why-mac-and-the-rmt-missed-the-needle). Other
+    variants ignore it; 0 = off."""
+
     checkpoint_every: int = 100
     """Save the variant's model and optimizer every this many steps (resume point); the final one is kept."""
 
     log_every: int = 25
     """Print the mean answer loss and accuracy every this many steps."""
+
+
+@dataclass
+class VariantSettings:
+    """Model settings of single variants on top of the shared [model], as `key=value` in --set syntax with keys
+    relative to [model] (e.g. rmt = ["window=0"]). The variants are meant to differ only in their memory: use
+    this for what a memory needs around it (the RMT's attention within its segment), and report it."""
+
+    window: list[str] = field(default_factory=list)
+    """Settings of the sliding-window baseline."""
+
+    meta: list[str] = field(default_factory=list)
+    """Settings of the meta-token baseline."""
+
+    rmt: list[str] = field(default_factory=list)
+    """Settings of the RMT variant."""
+
+    lmm: list[str] = field(default_factory=list)
+    """Settings of the Titans LMM variant."""
+
+    mac: list[str] = field(default_factory=list)
+    """Settings of the Titans MAC variant."""
+
+    mag: list[str] = field(default_factory=list)
+    """Settings of the Titans MAG variant."""
+
+    mal: list[str] = field(default_factory=list)
+    """Settings of the Titans MAL variant."""
 
 
 @dataclass
@@ -116,6 +152,9 @@ class LongContextConfig:
 
     train: TrainSettings = field(default_factory=TrainSettings)
     """Training of every variant."""
+
+    variant_settings: VariantSettings = field(default_factory=VariantSettings)
+    """Model settings of single variants on top of [model] (empty = the shared model as it is)."""
 
     @property
     def eval_lengths(self) -> list[int]:
@@ -190,7 +229,29 @@ class LongContextConfig:
                 raise ConfigError(f"{task} examples do not fit {shortest} tokens (the shortest training length); "
                                   f"raise train_len / the train.curriculum lengths or lower events") from None
         for v in self.variants:  # every variant's model must be valid (names the model key)
-            variant_model(self, v).validate()
+            try:
+                variant_model(self, v).validate()
+            except ModelConfigError as e:
+                settings = getattr(self.variant_settings, v)
+                raise ConfigError(f"{e} (variant {v} with variant_settings.{v}={settings})" if settings
+                                  else str(e)) from None
+        self._validate_one_segment_steps()
+
+    def _validate_one_segment_steps(self) -> None:
+        steps, t = self.train.one_segment_steps, self.train
+        if not steps:
+            return
+        if not 0 < steps < t.steps:
+            raise ConfigError(f"train.one_segment_steps={steps} must lie in [0, train.steps={t.steps}): the "
+                              f"variants end training with their own segments")
+        starts = sorted({0} | {s for s, _ in t.curriculum if s < steps})  # where the example length changes
+        for v in self.variants:
+            for step in starts:
+                try:
+                    step_model(self, v, step).validate()
+                except ModelConfigError as e:
+                    raise ConfigError(f"train.one_segment_steps: {v} with one segment of {train_length(step, self)} "
+                                      f"tokens is not a valid model: {e}") from None
 
 
 def _choices(key: str, values: list[str], allowed: tuple[str, ...]) -> None:
@@ -209,15 +270,61 @@ def variant_memory(variant: str) -> str:
     return "none" if variant in BASELINES else variant
 
 
+def _with_settings(model: ModelConfig, settings: list[str], key: str) -> ModelConfig:
+    """`model` with `key=value` settings (keys relative to [model]) applied; ConfigError naming `key`."""
+    tree = dataclasses.asdict(model)
+    for text in settings:
+        name = text.split("=", 1)[0].strip()
+        if name in ("memory", "num_meta_tokens"):
+            raise ConfigError(f"{key}: {name} is what the variant itself sets; list the variant in `variants`")
+        try:
+            apply_override(tree, text)
+        except ConfigError as e:
+            raise ConfigError(f"{key}: {e}") from None
+    try:
+        return build(ModelConfig, tree, prefix="model.")
+    except ConfigError as e:
+        raise ConfigError(f"{key}: {e}") from None
+
+
 def variant_model(cfg: LongContextConfig, variant: str) -> ModelConfig:
-    """The base model with the variant's memory; max_seq_len covers the longest call the experiment makes."""
+    """The base model with the variant's settings (`variant_settings`) and memory; max_seq_len covers the longest
+    call the experiment makes."""
     from memtrain.data.tasks.symbolic import VOCAB
-    m = copy.deepcopy(cfg.model)
+    settings = getattr(cfg.variant_settings, variant)
+    m = _with_settings(cfg.model, settings, f"variant_settings.{variant}") if settings else copy.deepcopy(cfg.model)
     m.vocab_size = m.vocab_size or len(VOCAB)
     m.memory = variant_memory(variant)
     m.num_meta_tokens = cfg.meta_tokens if variant == "meta" else 0
     longest = max(cfg.eval_lengths + cfg.perf_lengths + [cfg.train_len])
-    m.max_seq_len = max(m.max_seq_len, longest if variant in ("window", "meta") else cfg.eval_piece)
+    # stateless baselines take a whole example per call; memory models pieces of eval_piece, and in training a
+    # whole training example
+    m.max_seq_len = max(m.max_seq_len, longest if variant in ("window", "meta") else max(cfg.eval_piece,
+                                                                                        cfg.train_len))
+    return m
+
+
+def train_length(step: int, cfg: LongContextConfig) -> int:
+    """Example length at training step `step`: the curriculum's (train.curriculum), else train_len."""
+    if cfg.train.curriculum:
+        from memtrain.model.memory.rmt.config import segments_for_step
+        return segments_for_step(cfg.train.curriculum, step)  # the same [step, value] lookup, here in tokens
+    return cfg.train_len
+
+
+def step_model(cfg: LongContextConfig, variant: str, step: int) -> ModelConfig:
+    """The variant's model at training step `step`: `variant_model`, except that during
+    `train.one_segment_steps` a memory that runs in segments (its spec's `segment`) gets segments as long as the
+    step's examples, so each example is one segment. Only the segment length changes, never a parameter."""
+    m = variant_model(cfg, variant)
+    segment = memory_spec(m.memory).segment(m)
+    if segment is None or step >= cfg.train.one_segment_steps:
+        return m
+    *sections, name = segment[1].split(".")[1:]  # "model.titans.segment_len" -> m.titans.segment_len
+    node = m
+    for section in sections:
+        node = getattr(node, section)
+    setattr(node, name, train_length(step, cfg))
     return m
 
 

@@ -29,7 +29,7 @@ from memtrain.model.memory import memory_kinds, memory_spec
 
 from ..checkpoint import safe_torch_load
 from ..configtree import ConfigError, to_toml
-from .config import LongContextConfig, variant_model
+from .config import LongContextConfig, variant_memory, variant_model
 from .evaluate import accuracy, performance
 from .report import PERF_TASK, append_row, markdown_table, plots, read_rows
 from .training import train_variant
@@ -43,7 +43,10 @@ def variant_identity(cfg: LongContextConfig, variant: str) -> dict:
     sections = {memory_spec(k).settings for k in memory_kinds()} - {None, memory_spec(m["memory"]).settings}
     for section in sorted(sections):  # the other kinds' settings do not shape this variant
         m.pop(section, None)
-    return {"model": m, "train": dataclasses.asdict(cfg.train), "train_len": cfg.train_len, "seed": cfg.seed,
+    train = dataclasses.asdict(cfg.train)
+    if not train["one_segment_steps"] or memory_spec(m["memory"]).segment(variant_model(cfg, variant)) is None:
+        del train["one_segment_steps"]  # shapes only variants that run in segments (and keeps older runs valid)
+    return {"model": m, "train": train, "train_len": cfg.train_len, "seed": cfg.seed,
             "events": cfg.events, "filler": cfg.filler}
 
 
@@ -150,9 +153,17 @@ def write_report(cfg: LongContextConfig, rows: list[dict], train_info: dict, run
     lines = ["# Long-context experiment", "",
              f"Training length {cfg.train_len} tokens; evaluation at {', '.join(f'{m}×' for m in cfg.eval_multiples)}"
              f" ({cfg.eval_examples} examples per cell, greedy exact match of the one answer token).", "",
-             "Chance: " + ", ".join(f"{t} {100 * chance(t):.1f}%" for t in cfg.tasks), "",
-             "| variant | memory | parameters | training time | final train loss | final train acc |",
-             "|---|---|---:|---:|---:|---:|"]
+             "Chance: " + ", ".join(f"{t} {100 * chance(t):.1f}%" for t in cfg.tasks), ""]
+    settings = [f"{v}: {', '.join(getattr(cfg.variant_settings, v))}" for v in cfg.variants
+                if getattr(cfg.variant_settings, v)]
+    if settings:
+        lines += ["Variant settings on top of the shared model: " + "; ".join(settings) + ".", ""]
+    segmented = [v for v in cfg.variants if memory_spec(variant_memory(v)).segment(variant_model(cfg, v))]
+    if cfg.train.one_segment_steps and segmented:
+        lines += [f"{', '.join(segmented)}: each training example is one segment for the first "
+                  f"{cfg.train.one_segment_steps} steps (train.one_segment_steps).", ""]
+    lines += ["| variant | memory | parameters | training time | final train loss | final train acc |",
+              "|---|---|---:|---:|---:|---:|"]
     for v in cfg.variants:
         i = train_info.get(v)
         if i:

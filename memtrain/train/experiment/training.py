@@ -6,6 +6,9 @@ cross-entropy of the answer token only, predicted at the last prompt position: t
 far faster to learn than next-token loss on random filler. Memory models run the whole example in one call, the
 memory carried across its segments (full backpropagation through time).
 
+With `train.one_segment_steps`, a memory that runs in segments trains its first steps with each example as one
+segment: the model is rebuilt for that segment length around the same parameters and optimizer state.
+
 Checkpoints: RUN/variants/NAME/train.pt (model, optimizer, step, log), written atomically every
 `train.checkpoint_every` steps and at the end; a finished variant (step == train.steps) is loaded, not retrained.
 """
@@ -21,11 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from memtrain.data.tasks.symbolic import symbolic_batch
-from memtrain.model.memory.rmt.config import segments_for_step
 from memtrain.model.transformer import build_model
 
 from ..checkpoint import safe_torch_load
-from .config import LongContextConfig, variant_model
+from .config import LongContextConfig, step_model, train_length, variant_model
 
 
 def lr_at(step: int, cfg: LongContextConfig) -> float:
@@ -35,13 +37,6 @@ def lr_at(step: int, cfg: LongContextConfig) -> float:
         return t.lr * (step + 1) / t.warmup_steps
     progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
     return t.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
-def train_length(step: int, cfg: LongContextConfig) -> int:
-    """Example length at `step`: the curriculum's (train.curriculum), else train_len."""
-    if cfg.train.curriculum:
-        return segments_for_step(cfg.train.curriculum, step)  # the same [step, value] lookup, here in tokens
-    return cfg.train_len
 
 
 def training_batch(step: int, cfg: LongContextConfig, variant: str, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,6 +51,21 @@ def _save(path: Path, payload: dict) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)  # atomic: a crash mid-save never leaves a half-written checkpoint
+
+
+def _configured(model, opt: torch.optim.Optimizer, mcfg, cfg: LongContextConfig):
+    """(model, optimizer) for model config `mcfg`: `model` itself when it already has it, else a model built for
+    `mcfg` holding the same parameters and an optimizer with the same state (`train.one_segment_steps` changes
+    only a segment length). Building draws no random numbers from the training's generator."""
+    if model.cfg == mcfg:
+        return model, opt
+    with torch.random.fork_rng(devices=[]):
+        new = build_model(mcfg)
+    new.load_state_dict(model.state_dict())
+    new.to(next(model.parameters()).device).train(model.training)
+    new_opt = torch.optim.AdamW(new.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    new_opt.load_state_dict(opt.state_dict())
+    return new, new_opt
 
 
 def train_variant(cfg: LongContextConfig, variant: str, vdir: Path,
@@ -80,6 +90,7 @@ def train_variant(cfg: LongContextConfig, variant: str, vdir: Path,
     model.train()
     t0, window_loss, window_acc, n = time.perf_counter() - seconds, 0.0, 0.0, 0
     while step < cfg.train.steps:
+        model, opt = _configured(model, opt, step_model(cfg, variant, step), cfg)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         x, y = training_batch(step, cfg, variant, device)
