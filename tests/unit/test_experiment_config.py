@@ -65,6 +65,8 @@ def test_preset_loads_and_variants_share_width_and_depth():
     ('variant_settings.lstm=["window=0"]', "unknown config key 'variant_settings.lstm'"),
     ("train.one_segment_steps=600", "train.one_segment_steps=600 must lie in [0, train.steps=600)"),
     ("train.one_segment_steps=-2", "must lie in [0, train.steps=600)"),
+    ('train.one_segment_variants=["mag"]', "train.one_segment_variants: mag does not run in segments"),
+    ('train.one_segment_variants=["lstm"]', "train.one_segment_variants: unknown entry 'lstm'"),
 ])
 def test_bad_values_are_one_line_errors(override, words):
     with pytest.raises(ConfigError) as e:

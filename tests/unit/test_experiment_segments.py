@@ -19,7 +19,7 @@ TINY = ["model.d_model=32", "model.n_layers=1", "train_len=64", "eval_piece=64",
 
 
 def test_one_segment_steps_gives_segment_variants_example_long_segments_and_nothing_else():
-    cfg = load_experiment_config(PRESET, ["train.one_segment_steps=300"])
+    cfg = load_experiment_config(PRESET, ["train.one_segment_steps=300", 'train.one_segment_variants=["rmt", "mac"]'])
     for v in cfg.variants:
         before, after, final = step_model(cfg, v, 0), step_model(cfg, v, 300), variant_model(cfg, v)
         assert after == final
@@ -35,11 +35,19 @@ def test_one_segment_steps_gives_segment_variants_example_long_segments_and_noth
     assert all(step_model(off, v, 0) == variant_model(off, v) for v in off.variants)
 
 
+def test_one_segment_variants_limits_it_to_the_variants_listed():
+    cfg = load_experiment_config(PRESET, ["train.one_segment_steps=300", 'train.one_segment_variants=["rmt"]'])
+    assert step_model(cfg, "rmt", 0).rmt.segment_len == 64
+    assert step_model(cfg, "mac", 0) == variant_model(cfg, "mac")
+
+
 def test_identity_names_one_segment_steps_only_where_it_shapes_the_variant():
-    on, off = (load_experiment_config(PRESET, s) for s in (["train.one_segment_steps=300"], ["train.one_segment_steps=0"]))
+    on, only_rmt, off = (load_experiment_config(PRESET, ["train.one_segment_steps=300" if steps else
+                                                         "train.one_segment_steps=0", f"train.one_segment_variants={v}"])
+                         for steps, v in ((1, '["rmt", "mac"]'), (1, '["rmt"]'), (0, '["rmt", "mac"]')))
     for v in on.variants:
-        changed = variant_identity(on, v) != variant_identity(off, v)
-        assert changed == (v in ("rmt", "mac")), v
+        assert (variant_identity(on, v) != variant_identity(off, v)) == (v in ("rmt", "mac")), v
+        assert (variant_identity(only_rmt, v) != variant_identity(off, v)) == (v == "rmt"), v
     assert "one_segment_steps" not in variant_identity(off, "mac")["train"]  # runs made before it still resume
 
 
@@ -54,13 +62,14 @@ def test_variant_settings_change_only_their_variant():
 
 def test_memory_models_take_a_whole_training_example_in_one_call():
     cfg = load_experiment_config(PRESET, ["model.max_seq_len=64", "eval_piece=64", "train_len=256",
-                                          "train.curriculum=[[0, 64], [300, 256]]", "train.one_segment_steps=400"])
+                                          "train.curriculum=[[0, 64], [300, 256]]", "train.one_segment_steps=400",
+                                          'train.one_segment_variants=["rmt", "mac"]'])
     for v in ("rmt", "mac"):
         assert variant_model(cfg, v).max_seq_len >= 256 and step_model(cfg, v, 350).max_seq_len >= 256
 
 
 def test_rebuild_keeps_parameters_and_optimizer_state_and_draws_no_random_numbers():
-    cfg = load_experiment_config(PRESET, TINY + ["train.one_segment_steps=3"])
+    cfg = load_experiment_config(PRESET, TINY + ["train.one_segment_steps=3", 'train.one_segment_variants=["mac"]'])
     model = build_model(step_model(cfg, "mac", 0))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(torch.randint(0, 20, (2, 47))).logits.sum().backward()
@@ -83,7 +92,8 @@ class _Stop(Exception):
 @pytest.mark.parametrize("variant", ["rmt", "mac"])
 def test_resume_across_the_switch_equals_the_uninterrupted_run(tmp_path, variant):
     cfg = load_experiment_config(PRESET, TINY + ["train.one_segment_steps=2", "train.steps=4", "train.log_every=1",
-                                                 "train.checkpoint_every=1", f'variants=["{variant}"]'])
+                                                 "train.checkpoint_every=1", f'variants=["{variant}"]',
+                                                 f'train.one_segment_variants=["{variant}"]'])
     whole, _ = train_variant(cfg, variant, tmp_path / "whole", say=lambda s: None)
 
     def stop_at_step_2(line: str) -> None:  # logged before step 2's checkpoint: the newest one is step 1's

@@ -52,11 +52,14 @@ class TrainSettings:
     e.g. [[0, 32], [150, 64], [300, 128]]; the last length must be train_len; empty = train_len throughout."""
 
     one_segment_steps: int = 0
-    """Steps during which a memory that runs in segments (RMT, MAC) takes each training example as one segment
-    (segment length = the example's length at that step), so attention alone can answer and learns to find the
-    answer; from this step on it trains with its own segments and the memory has to carry the answer. Without it
-    RMT and MAC can stay at the answer prior (docs/results.md#why-mac-and-the-rmt-missed-the-needle). Other
-    variants ignore it; 0 = off."""
+    """Steps during which the `one_segment_variants` take each training example as one segment (segment length =
+    the example's length at that step), so attention alone can answer and learns to find the answer; from this
+    step on they train with their own segments and the memory has to carry the answer. Without it the RMT stays
+    at the answer prior (docs/results.md#why-mac-and-the-rmt-missed-the-needle); 0 = off."""
+
+    one_segment_variants: list[str] = field(default_factory=lambda: ["rmt", "mac"])
+    """Variants that `one_segment_steps` applies to; each must run in segments (rmt, mac). MAC learns the needle
+    as often without it and holds it further, so the preset lists only the RMT."""
 
     checkpoint_every: int = 100
     """Save the variant's model and optimizer every this many steps (resume point); the final one is kept."""
@@ -244,8 +247,13 @@ class LongContextConfig:
         if not 0 < steps < t.steps:
             raise ConfigError(f"train.one_segment_steps={steps} must lie in [0, train.steps={t.steps}): the "
                               f"variants end training with their own segments")
+        _choices("train.one_segment_variants", t.one_segment_variants, VARIANTS)
+        for v in t.one_segment_variants:
+            if memory_spec(variant_memory(v)).segment(variant_model(self, v)) is None:
+                raise ConfigError(f"train.one_segment_variants: {v} does not run in segments; list only variants "
+                                  f"that do (rmt, mac)")
         starts = sorted({0} | {s for s, _ in t.curriculum if s < steps})  # where the example length changes
-        for v in self.variants:
+        for v in set(self.variants) & set(t.one_segment_variants):
             for step in starts:
                 try:
                     step_model(self, v, step).validate()
@@ -312,14 +320,22 @@ def train_length(step: int, cfg: LongContextConfig) -> int:
     return cfg.train_len
 
 
+def one_segment_applies(cfg: LongContextConfig, variant: str) -> bool:
+    """Whether `train.one_segment_steps` changes `variant`: it is on, lists the variant, and the variant's memory
+    runs in segments."""
+    return (cfg.train.one_segment_steps > 0 and variant in cfg.train.one_segment_variants
+            and memory_spec(variant_memory(variant)).segment(variant_model(cfg, variant)) is not None)
+
+
 def step_model(cfg: LongContextConfig, variant: str, step: int) -> ModelConfig:
     """The variant's model at training step `step`: `variant_model`, except that during
-    `train.one_segment_steps` a memory that runs in segments (its spec's `segment`) gets segments as long as the
-    step's examples, so each example is one segment. Only the segment length changes, never a parameter."""
+    `train.one_segment_steps` a variant of `train.one_segment_variants` (a memory that runs in segments: its spec's
+    `segment`) gets segments as long as the step's examples, so each example is one segment. Only the segment
+    length changes, never a parameter."""
     m = variant_model(cfg, variant)
-    segment = memory_spec(m.memory).segment(m)
-    if segment is None or step >= cfg.train.one_segment_steps:
+    if step >= cfg.train.one_segment_steps or not one_segment_applies(cfg, variant):
         return m
+    segment = memory_spec(m.memory).segment(m)
     *sections, name = segment[1].split(".")[1:]  # "model.titans.segment_len" -> m.titans.segment_len
     node = m
     for section in sections:

@@ -29,7 +29,7 @@ from memtrain.model.memory import memory_kinds, memory_spec
 
 from ..checkpoint import safe_torch_load
 from ..configtree import ConfigError, to_toml
-from .config import LongContextConfig, variant_memory, variant_model
+from .config import LongContextConfig, one_segment_applies, variant_model
 from .evaluate import accuracy, performance
 from .report import PERF_TASK, append_row, markdown_table, plots, read_rows
 from .training import train_variant
@@ -44,8 +44,9 @@ def variant_identity(cfg: LongContextConfig, variant: str) -> dict:
     for section in sorted(sections):  # the other kinds' settings do not shape this variant
         m.pop(section, None)
     train = dataclasses.asdict(cfg.train)
-    if not train["one_segment_steps"] or memory_spec(m["memory"]).segment(variant_model(cfg, variant)) is None:
-        del train["one_segment_steps"]  # shapes only variants that run in segments (and keeps older runs valid)
+    del train["one_segment_variants"]  # what it does to this variant is whether one_segment_steps stays below
+    if not one_segment_applies(cfg, variant):
+        del train["one_segment_steps"]  # it does not shape this variant (and older runs stay valid)
     return {"model": m, "train": train, "train_len": cfg.train_len, "seed": cfg.seed,
             "events": cfg.events, "filler": cfg.filler}
 
@@ -158,8 +159,8 @@ def write_report(cfg: LongContextConfig, rows: list[dict], train_info: dict, run
                 if getattr(cfg.variant_settings, v)]
     if settings:
         lines += ["Variant settings on top of the shared model: " + "; ".join(settings) + ".", ""]
-    segmented = [v for v in cfg.variants if memory_spec(variant_memory(v)).segment(variant_model(cfg, v))]
-    if cfg.train.one_segment_steps and segmented:
+    segmented = [v for v in cfg.variants if one_segment_applies(cfg, v)]
+    if segmented:
         lines += [f"{', '.join(segmented)}: each training example is one segment for the first "
                   f"{cfg.train.one_segment_steps} steps (train.one_segment_steps).", ""]
     lines += ["| variant | memory | parameters | training time | final train loss | final train acc |",
