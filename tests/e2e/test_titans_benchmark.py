@@ -1,5 +1,6 @@
 """`benchmarks/titans_model.py --only speed` at toy size: ours and the dense-only floor run in alternating rounds and
-the summary line reports the floor. No timings are asserted (they live in the docs, measured on a quiet machine)."""
+the summary line reports the floor; `benchmarks/titans_chunk_cost.py` at one round. No timings are asserted (they
+live in the docs, measured on a quiet machine)."""
 from __future__ import annotations
 
 import json
@@ -50,3 +51,13 @@ def test_speed_runs_ours_and_the_floor():
     floor = next(r for r in lines if r.get("impl") == "floor")
     assert summary["floor_step_s"] > 0 and "memory_share_of_ours" in summary and "peer" in summary
     assert floor["config"]["memory_op"].startswith("elementwise")
+
+
+def test_chunk_cost_benchmark_reports_each_model_and_the_ratios():
+    proc = subprocess.run([sys.executable, "benchmarks/titans_chunk_cost.py", "--variants", "lmm", "--rounds", "1",
+                           "--steps", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r.get("model") for r in lines[:3]] == ["window", "lmm_b1", "lmm_b16"]
+    assert all(r["batch"] == [32, 127] and r["tokens_per_s"] > 0 for r in lines[:3])
+    assert lines[3]["variant"] == "lmm" and lines[3]["b1_over_b16_time"] > 0
