@@ -225,7 +225,8 @@ DEMO = str(ROOT / "configs" / "demo.toml")
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["--config", DEMO, "--world", "2"], "set model.vocab_size"),
+    # a data path that exists nowhere: the demo's own may hold a prepared dataset on a developer's machine
+    (["--config", DEMO, "--world", "2", "--set", 'data.path="no/such/dataset"'], "set model.vocab_size"),
     (["--config", DEMO, "--world", "3", "--set", "model.vocab_size=512", "--set", "parallel.tp=2"],
      "does not divide --world=3"),
     (["--config", DEMO, "--world", "2", "--set", "model.vocab_size=512", "--search"], "--gpu-mem"),
