@@ -90,7 +90,8 @@ def train_variant(cfg: LongContextConfig, variant: str, vdir: Path,
     model.train()
     t0, window_loss, window_acc, n = time.perf_counter() - seconds, 0.0, 0.0, 0
     while step < cfg.train.steps:
-        model, opt = _configured(model, opt, step_model(cfg, variant, step), cfg)
+        if step <= cfg.train.one_segment_steps:  # the segment length changes only up to the switch
+            model, opt = _configured(model, opt, step_model(cfg, variant, step), cfg)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         x, y = training_batch(step, cfg, variant, device)
